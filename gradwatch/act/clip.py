@@ -1,0 +1,140 @@
+"""Clippers: objects that rescale or clamp gradients in place, deciding on the device.
+
+Every clipper implements one method, :meth:`Clipper.clip_`, which receives the step's gradients and
+the norms gradwatch already computed for monitoring (so clipping costs no second read pass for
+norm-based rules), scales the gradients in place, and writes into ``out`` the factor by which the
+global norm changed. No clipper reads a value back to the host: coefficients are clamped on the
+device and multiplied in, exactly as ``torch.nn.utils.clip_grad_norm_`` does.
+
+Adaptive clippers (z-score, percentile, unit-wise) follow the same protocol and keep their state on
+the device; they live in their own modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._foreach_utils import _device_has_foreach_support
+
+from gradwatch.collect.norms import GradBatch, foreach_norms
+from gradwatch.config import check_norm_type, check_positive
+
+__all__ = ["ClipNorm", "ClipValue", "Clipper"]
+
+EPS = 1e-6
+"""Added to the norm before dividing, as ``torch.nn.utils.clip_grad_norm_`` does."""
+
+
+class Clipper:
+    """Base class of gradient clippers.
+
+    Attributes:
+        norm_type: Order of the global norm passed to :meth:`clip_` (the watcher computes it once
+            and shares it with monitoring).
+    """
+
+    norm_type: float = 2.0
+
+    def clip_(self, batch: GradBatch, total_norm: Tensor, param_norms: Tensor, out: Tensor) -> None:
+        """Clip ``batch``'s gradients in place.
+
+        Args:
+            batch: The gradients present at this step, grouped by device and dtype.
+            total_norm: Global norm of order :attr:`norm_type` before clipping (0-d, on device).
+            param_norms: L2 norm of each watched parameter's gradient (0 where absent).
+            out: 0-d tensor to receive the factor by which the global norm was scaled.
+        """
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """The clipper's state (empty for stateless clippers)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(f"{type(self).__name__} is stateless, got state keys {sorted(state)}")
+
+    def config(self) -> dict[str, Any]:
+        """The clipper's settings as plain values, for run headers."""
+        return {"name": type(self).__name__}
+
+
+def scale_(batch: GradBatch, coef: Tensor) -> None:
+    """Multiply every gradient in ``batch`` by the 0-d tensor ``coef`` (one kernel per group)."""
+    for device, grads in batch.grouped():
+        factor = coef.to(device, non_blocking=True)
+        if _device_has_foreach_support(device):
+            torch._foreach_mul_(grads, factor)
+        else:
+            for g in grads:
+                g.mul_(factor)
+
+
+class ClipNorm(Clipper):
+    """Rescale gradients so their global norm is at most ``max_norm``.
+
+    Numerically identical to ``torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)``: the
+    same norm, the same coefficient ``min(max_norm / (norm + 1e-6), 1)``, the same gradients.
+
+    Args:
+        max_norm: Largest allowed global norm, a finite number > 0.
+        norm_type: Order of the norm (> 0, or ``float("inf")``).
+
+    Raises:
+        ValueError: ``max_norm`` or ``norm_type`` is out of range.
+    """
+
+    def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
+        self.max_norm = check_positive("ClipNorm(max_norm)", max_norm)
+        self.norm_type = check_norm_type("ClipNorm(norm_type)", norm_type)
+
+    def clip_(self, batch: GradBatch, total_norm: Tensor, param_norms: Tensor, out: Tensor) -> None:
+        torch.add(total_norm, EPS, out=out)
+        out.reciprocal_().mul_(self.max_norm).clamp_(max=1.0)
+        scale_(batch, out)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": "ClipNorm", "max_norm": self.max_norm, "norm_type": self.norm_type}
+
+    def __repr__(self) -> str:
+        return f"ClipNorm(max_norm={self.max_norm}, norm_type={self.norm_type})"
+
+
+class ClipValue(Clipper):
+    """Clamp every gradient element to ``[-clip_value, clip_value]``.
+
+    Identical to ``torch.nn.utils.clip_grad_value_``. Reports the resulting change of the global
+    norm as the clip coefficient, which costs one extra read of the gradients.
+
+    Args:
+        clip_value: Largest allowed absolute value, a finite number > 0.
+    """
+
+    def __init__(self, clip_value: float) -> None:
+        self.clip_value = check_positive("ClipValue(clip_value)", clip_value)
+
+    def clip_(self, batch: GradBatch, total_norm: Tensor, param_norms: Tensor, out: Tensor) -> None:
+        for device, grads in batch.grouped():
+            if _device_has_foreach_support(device):
+                torch._foreach_clamp_min_(grads, -self.clip_value)
+                torch._foreach_clamp_max_(grads, self.clip_value)
+            else:
+                for g in grads:
+                    g.clamp_(min=-self.clip_value, max=self.clip_value)
+        norms = [
+            n.to(out.device, out.dtype, non_blocking=True)
+            for device, grads in batch.grouped()
+            for n in foreach_norms(device, grads, self.norm_type)
+        ]
+        after = torch.linalg.vector_norm(torch.stack(norms), self.norm_type)
+        # after / before, and 1 where nothing changed (also covers a zero norm).
+        torch.where(after == total_norm, 1.0, after / total_norm, out=out)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": "ClipValue", "clip_value": self.clip_value}
+
+    def __repr__(self) -> str:
+        return f"ClipValue(clip_value={self.clip_value})"

@@ -1,0 +1,51 @@
+"""The order in which gradients arrive during backward, recorded at almost no cost.
+
+Each watched parameter gets a post-accumulate-grad hook that is the bound ``append`` of one bounded
+deque: the autograd engine calls straight into C, no Python frame runs per parameter. The order
+points at where a NaN/Inf started (the first poisoned gradient to arrive is nearest its origin).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+__all__ = ["ArrivalOrder"]
+
+
+class ArrivalOrder:
+    """Records which parameters received their gradient, in order, since the last :meth:`clear`.
+
+    Args:
+        params: Parameters to hook (leaf tensors).
+        position: ``id(param) -> position`` in the watcher's list.
+    """
+
+    def __init__(self, params: list[torch.Tensor], position: dict[int, int]) -> None:
+        self._position = position
+        # Bounded: one backward's worth of arrivals; older ones fall off if nobody clears it.
+        self._arrived: deque[torch.Tensor] = deque(maxlen=len(params))
+        self._handles = [p.register_post_accumulate_grad_hook(self._arrived.append) for p in params]
+
+    def clear(self) -> None:
+        """Start recording a new backward pass."""
+        self._arrived.clear()
+
+    def snapshot(self) -> tuple[torch.Tensor, ...]:
+        """The arrivals so far (cheap: references only); convert with :meth:`positions`."""
+        return tuple(self._arrived)
+
+    def positions(self, snapshot: tuple[torch.Tensor, ...]) -> list[int]:
+        """Watcher positions of a snapshot's parameters, first arrival first, without repeats."""
+        seen: dict[int, None] = {}
+        for p in snapshot:
+            seen.setdefault(self._position[id(p)], None)
+        return list(seen)
+
+    def remove(self) -> None:
+        """Remove every hook from the parameters (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._arrived.clear()

@@ -1,0 +1,225 @@
+"""The sink interface, safe fan-out to sinks, and aggregation of steps into summaries.
+
+A sink receives every record (:class:`~gradwatch.records.RunStart`, each
+:class:`~gradwatch.records.StepReport`, each :class:`~gradwatch.records.Event`, and the final
+:class:`~gradwatch.records.RunSummary`) through one method, ``write``. Sinks that report every N
+steps aggregate the steps in between with :class:`StepAggregator`, so a window's max, mean and
+counts cover every step, not only the last one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from gradwatch.errors import GradWatchWarning
+from gradwatch.records import LayerSummary, Record, RunSummary, StepReport
+
+__all__ = ["Sink", "SinkGroup", "StepAggregator", "layer_of"]
+
+
+class Sink:
+    """Base class of every sink. Subclass it and implement :meth:`write`.
+
+    Example, a sink that forwards window summaries to an experiment tracker::
+
+        class TrackerSink(gradwatch.Sink):
+            def __init__(self, run, every=50):
+                self.run, self.every = run, every
+            def write(self, record):
+                if isinstance(record, gradwatch.StepReport) and record.step % self.every == 0:
+                    self.run.log({"grad_norm/global": record.global_norm}, step=record.step)
+    """
+
+    def write(self, record: Record) -> None:
+        """Receive one record. Called on the training thread: keep it cheap."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release resources (files, writers). Called once, after the final summary."""
+
+
+class SinkGroup:
+    """Fans records out to sinks; a sink that raises is disabled with one warning, never fatal.
+
+    A diagnostics tool must not kill the run it is diagnosing: if a sink fails (disk full, broken
+    pipe, a tracker's network error), the others go on and training continues.
+    """
+
+    def __init__(self, sinks: Iterable[Sink]) -> None:
+        self.sinks: list[Sink] = list(sinks)
+        self.disabled: list[tuple[Sink, BaseException]] = []
+
+    def write(self, record: Record) -> None:
+        for sink in tuple(self.sinks):
+            try:
+                sink.write(record)
+            except Exception as err:
+                self._disable(sink, err)
+
+    def close(self) -> None:
+        for sink in tuple(self.sinks):
+            close = getattr(sink, "close", None)
+            if close is None:
+                continue
+            try:
+                close()
+            except Exception as err:
+                self._disable(sink, err)
+
+    def _disable(self, sink: Sink, err: BaseException) -> None:
+        self.sinks.remove(sink)
+        self.disabled.append((sink, err))
+        warnings.warn(
+            f"gradwatch: sink {type(sink).__name__} failed and was disabled "
+            f"({type(err).__name__}: {err}); training and the other sinks continue",
+            GradWatchWarning,
+            stacklevel=4,
+        )
+
+
+def layer_of(name: str, depth: int | None = None) -> str:
+    """The layer a parameter belongs to: its owning module, or its first ``depth`` name parts.
+
+    ``layer_of("encoder.layers.3.attn.q.weight")`` is ``"encoder.layers.3.attn.q"``;
+    with ``depth=3`` it is ``"encoder.layers.3"``. A top-level parameter is its own layer.
+    """
+    parts = name.split(".")
+    owner = parts[:-1] or parts
+    if depth is not None:
+        owner = owner[:depth]
+    return ".".join(owner)
+
+
+class StepAggregator:
+    """Accumulates step reports into a :class:`RunSummary`: global and per-layer statistics.
+
+    Per-layer norms are computed vectorised from each step's norm vector, so the cost per step does
+    not grow with Python-level work per parameter. Non-finite values never enter a statistic.
+
+    Args:
+        names: Parameter names in the watcher's order.
+        depth: Group parameters into layers by their first ``depth`` name parts (None: by owning
+            module).
+        max_origins: How many ``(step, parameter)`` NaN origins to keep.
+    """
+
+    def __init__(
+        self, names: Sequence[str], *, depth: int | None = None, max_origins: int = 100
+    ) -> None:
+        self.names = tuple(names)
+        self._position = {n: i for i, n in enumerate(self.names)}
+        layers: dict[str, int] = {}
+        self._layer_of_param = np.array(
+            [layers.setdefault(layer_of(n, depth), len(layers)) for n in self.names], dtype=np.intp
+        )
+        self.layer_names = tuple(layers)
+        self.max_origins = max_origins
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything: start a new window."""
+        n_layers = len(self.layer_names)
+        self.steps = 0
+        self.first_step: int | None = None
+        self.last_step: int | None = None
+        self.g_min, self.g_max, self.g_sum, self.g_count = math.inf, -math.inf, 0.0, 0
+        self.g_last = math.nan
+        self.clipped = self.spikes = self.loss_spikes = self.nonfinite = self.skipped = 0
+        self.origins: list[tuple[int, str]] = []
+        self.l_min = np.full(n_layers, np.inf)
+        self.l_max = np.full(n_layers, -np.inf)
+        self.l_sum = np.zeros(n_layers)
+        self.l_count = np.zeros(n_layers, dtype=np.int64)
+        self.l_last = np.full(n_layers, np.nan)
+        self.l_nonfinite = np.zeros(n_layers, dtype=np.int64)
+        self.l_culprit = np.zeros(n_layers, dtype=np.int64)
+
+    def layer_norms(self, report: StepReport) -> tuple[np.ndarray, np.ndarray]:
+        """L2 norm of each layer's gradient at one step, and which layers had a gradient.
+
+        Layers without any gradient at that step get NaN in the first array and False in the second.
+        """
+        norms = report.param_norms
+        if norms.names is self.names or norms.names == self.names:
+            index = self._layer_of_param
+        else:
+            index = self._layer_of_param[[self._position[n] for n in norms.names]]
+        n_layers = len(self.layer_names)
+        squares = np.bincount(
+            index, weights=np.square(norms.values, dtype=np.float64), minlength=n_layers
+        )
+        present = np.bincount(index, minlength=n_layers) > 0
+        with np.errstate(invalid="ignore"):
+            out = np.sqrt(squares)
+        out[~present] = np.nan
+        return out, present
+
+    def update(self, report: StepReport) -> None:
+        """Add one step."""
+        self.steps += 1
+        if self.first_step is None:
+            self.first_step = report.step
+        self.last_step = report.step
+        g = report.global_norm
+        self.g_last = g
+        if math.isfinite(g):
+            self.g_min, self.g_max = min(self.g_min, g), max(self.g_max, g)
+            self.g_sum += g
+            self.g_count += 1
+        self.clipped += report.clip_coef < 1.0
+        self.spikes += report.spike
+        self.loss_spikes += report.loss_spike
+        self.skipped += report.skipped
+        if report.nonfinite:
+            self.nonfinite += 1
+            if len(self.origins) < self.max_origins:
+                self.origins.append((report.step, report.nonfinite[0]))
+
+        layer, present = self.layer_norms(report)
+        self.l_last = layer
+        finite = np.isfinite(layer)
+        self.l_nonfinite += present & ~finite
+        self.l_min = np.where(finite, np.fmin(self.l_min, layer), self.l_min)
+        self.l_max = np.where(finite, np.fmax(self.l_max, layer), self.l_max)
+        self.l_sum += np.where(finite, layer, 0.0)
+        self.l_count += finite
+        for name in report.spike_params:
+            self.l_culprit[self._layer_of_param[self._position[name]]] += 1
+
+    def summary(self) -> RunSummary:
+        """The statistics so far as a record."""
+        count = np.maximum(self.l_count, 1)
+        layers = tuple(
+            LayerSummary(
+                name=name,
+                min=float(self.l_min[i]) if self.l_count[i] else math.nan,
+                mean=float(self.l_sum[i] / count[i]) if self.l_count[i] else math.nan,
+                max=float(self.l_max[i]) if self.l_count[i] else math.nan,
+                last=float(self.l_last[i]),
+                steps=int(self.l_count[i]),
+                nonfinite_steps=int(self.l_nonfinite[i]),
+                spike_culprit=int(self.l_culprit[i]),
+            )
+            for i, name in enumerate(self.layer_names)
+        )
+        found = self.g_count > 0
+        return RunSummary(
+            steps=self.steps,
+            first_step=self.first_step,
+            last_step=self.last_step,
+            global_min=self.g_min if found else math.nan,
+            global_mean=self.g_sum / self.g_count if found else math.nan,
+            global_max=self.g_max if found else math.nan,
+            global_last=self.g_last,
+            clipped_steps=int(self.clipped),
+            spikes=int(self.spikes),
+            loss_spikes=int(self.loss_spikes),
+            nonfinite_steps=int(self.nonfinite),
+            skipped_steps=int(self.skipped),
+            layers=layers,
+            nonfinite_origins=tuple(self.origins),
+        )

@@ -1,0 +1,190 @@
+"""Console sink: one-line alerts, a compact periodic summary, and a final table, through rich.
+
+Output is at most one alert line per event and one summary line every ``every`` steps, so a long
+run's log stays readable. When stdout is not a terminal (CI logs, files) rich drops colour and
+markup. When a ``tqdm`` bar is active, lines go through ``tqdm.write`` so the bar is not garbled;
+to share a rich ``Progress`` display, pass its console (``ConsoleSink(console=progress.console)``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from gradwatch.config import check_int
+from gradwatch.records import Event, Record, RunStart, RunSummary, StepReport
+from gradwatch.report.base import Sink, StepAggregator
+
+__all__ = ["ConsoleSink"]
+
+_STYLE = {
+    "nonfinite": "bold red",
+    "spike": "bold yellow",
+    "loss_spike": "yellow",
+    "skip": "magenta",
+}
+
+
+def fmt(value: float | None) -> str:
+    """A norm for people: 4 significant digits, ``nan``/``inf`` spelled out, ``-`` for None."""
+    if value is None:
+        return "-"
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.4g}"
+
+
+class ConsoleSink(Sink):
+    """Prints alerts as they happen, a summary line every ``every`` steps, a table at the end.
+
+    Args:
+        every: Steps per periodic summary line (0 disables the periodic line).
+        top_k: Layers named in the periodic line (largest max norm in the window).
+        max_rows: Layers shown in the final table; the rest are folded into one line.
+        console: A ``rich.console.Console`` to print to (default: one on stdout). Pass
+            ``progress.console`` to share a rich progress display.
+        alerts: Print one line per NaN/spike/skip event as it happens.
+    """
+
+    def __init__(
+        self,
+        every: int = 100,
+        *,
+        top_k: int = 3,
+        max_rows: int = 40,
+        console: Console | None = None,
+        alerts: bool = True,
+    ) -> None:
+        self.every = check_int("every", every, minimum=0)
+        self.top_k = check_int("top_k", top_k, minimum=0)
+        self.max_rows = check_int("max_rows", max_rows)
+        self.console = console if console is not None else Console(file=sys.stdout)
+        self.alerts = alerts
+        self._window: StepAggregator | None = None
+
+    # ------------------------------------------------------------------------------ records
+
+    def write(self, record: Record) -> None:
+        if isinstance(record, StepReport):
+            self._step(record)
+        elif isinstance(record, Event):
+            if self.alerts:
+                self._print(Text(f"gradwatch ⚠ {record.message}", style=_STYLE.get(record.kind)))
+        elif isinstance(record, RunStart):
+            self._window = StepAggregator([p.name for p in record.params])
+        elif isinstance(record, RunSummary):
+            self._print(self.render_summary(record))
+
+    def _step(self, report: StepReport) -> None:
+        if self._window is None:
+            self._window = StepAggregator(list(report.param_norms.names))
+        self._window.update(report)
+        if self.every and self._window.steps >= self.every:
+            self._print(self.render_window(self._window))
+            self._window.reset()
+
+    # ---------------------------------------------------------------------------- rendering
+
+    def render_window(self, window: StepAggregator) -> Text:
+        """One line summarising a window of steps."""
+        s = window.summary()
+        text = Text()
+        text.append(f"gradwatch steps {s.first_step}-{s.last_step}", style="bold cyan")
+        text.append(f" | norm {fmt(s.global_last)} (mean {fmt(s.global_mean)}, ")
+        text.append(f"max {fmt(s.global_max)})")
+        text.append(f" | clipped {s.clip_rate:.0%}")
+        text.append(f" | spikes {s.spikes}", style="yellow" if s.spikes else None)
+        text.append(f" | nan steps {s.nonfinite_steps}", style="red" if s.nonfinite_steps else None)
+        text.append(f" | skipped {s.skipped_steps}", style="magenta" if s.skipped_steps else None)
+        if self.top_k and s.layers:
+            maxima = np.array([layer.max for layer in s.layers])
+            order = np.argsort(-np.nan_to_num(maxima, nan=-np.inf))[: self.top_k]
+            top = ", ".join(f"{s.layers[i].name} {fmt(s.layers[i].max)}" for i in order)
+            text.append(f" | top: {top}")
+        return text
+
+    def render_summary(self, s: RunSummary) -> Table:
+        """The final table: one row per layer, totals in the caption."""
+        table = Table(
+            title=f"gradwatch summary: {s.steps} steps",
+            caption=self._caption(s),
+            caption_justify="left",
+            show_lines=False,
+        )
+        for column in ("layer", "min", "mean", "max", "last", "nan steps", "spike culprit"):
+            table.add_column(column, justify="left" if column == "layer" else "right")
+        layers = list(s.layers)
+        shown = layers
+        if len(layers) > self.max_rows:
+            worst = sorted(
+                range(len(layers)),
+                key=lambda i: (-layers[i].nonfinite_steps, -np.nan_to_num(layers[i].max, nan=-1)),
+            )[: self.max_rows]
+            shown = [layers[i] for i in sorted(worst)]
+        for layer in shown:
+            style = "red" if layer.nonfinite_steps else None
+            table.add_row(
+                layer.name,
+                fmt(layer.min),
+                fmt(layer.mean),
+                fmt(layer.max),
+                fmt(layer.last),
+                str(layer.nonfinite_steps),
+                str(layer.spike_culprit),
+                style=style,
+            )
+        if len(shown) < len(layers):
+            table.add_row(f"... {len(layers) - len(shown)} more layers", *[""] * 6)
+        return table
+
+    @staticmethod
+    def _caption(s: RunSummary) -> str:
+        lines = [
+            f"global norm: min {fmt(s.global_min)}  mean {fmt(s.global_mean)}  "
+            f"max {fmt(s.global_max)}  last {fmt(s.global_last)}",
+            f"clipped {s.clipped_steps} steps ({s.clip_rate:.1%})  spikes {s.spikes}  "
+            f"loss spikes {s.loss_spikes}  nan/inf steps {s.nonfinite_steps}  "
+            f"skipped {s.skipped_steps}",
+        ]
+        if s.nonfinite_origins:
+            shown = ", ".join(f"step {st}: {name}" for st, name in s.nonfinite_origins[:5])
+            more = (
+                f" (+{len(s.nonfinite_origins) - 5} more)" if len(s.nonfinite_origins) > 5 else ""
+            )
+            lines.append(f"NaN/Inf started in: {shown}{more}")
+        for finding in s.findings:
+            lines.append(f"[{finding.kind}] {finding.evidence}")
+            lines.extend(f"    -> {remedy}" for remedy in finding.remedies)
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------------------- output
+
+    def _print(self, renderable: Any) -> None:
+        tqdm_write = _active_tqdm_write()
+        soft = isinstance(renderable, Text)  # one logical line: never hard-wrap it
+        if tqdm_write is None:
+            self.console.print(renderable, soft_wrap=soft)
+            return
+        with self.console.capture() as capture:
+            self.console.print(renderable, soft_wrap=soft)
+        tqdm_write(capture.get().rstrip("\n"))
+
+
+def _active_tqdm_write() -> Any:
+    """``tqdm.write`` if a tqdm bar is currently displayed, else None."""
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is None:
+        return None
+    cls = getattr(tqdm_module, "tqdm", None)
+    instances = getattr(cls, "_instances", None)
+    if not instances:
+        return None
+    return cls.write

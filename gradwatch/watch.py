@@ -1,0 +1,643 @@
+"""GradWatch: the one object a training loop talks to.
+
+It wires the parts together and nothing else: the collector reads gradients into a row of the
+device stats ring; clippers act on the device; rows are brought to the host later (at once on CPU,
+about a step later on accelerators) and only then run through the detectors and out to the sinks.
+The step path therefore never waits for the device, except where a policy must decide now
+(``on_nonfinite`` or ``on_spike`` set to ``"skip"``/``"raise"``, ``on_spike="clip"``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gradwatch._version import __version__
+from gradwatch.act.clip import EPS, Clipper, scale_
+from gradwatch.act.skip import StepGuard, drop_gradients
+from gradwatch.collect.hooks import ArrivalOrder
+from gradwatch.collect.norms import GradCollector
+from gradwatch.collect.params import resolve_params
+from gradwatch.collect.ring import COEF, GLOBAL, LOSS, NORMS, SCALE, StatsRing
+from gradwatch.config import (
+    NONFINITE_POLICIES,
+    SPIKE_POLICIES,
+    NonFinitePolicy,
+    SpikePolicy,
+    check_choice,
+    check_int,
+    check_norm_type,
+)
+from gradwatch.detect.nonfinite import nonfinite_in_backward_order
+from gradwatch.detect.spikes import ParamBaseline, SpikeDetector
+from gradwatch.errors import (
+    ConfigError,
+    ConfigTypeError,
+    GradientSpikeError,
+    NonFiniteGradientError,
+    StateError,
+)
+from gradwatch.records import Event, ParamInfo, ParamNorms, RunStart, RunSummary, StepReport
+from gradwatch.report.base import Sink, SinkGroup, StepAggregator
+
+__all__ = ["BackwardScope", "GradWatch"]
+
+
+@dataclass
+class _Pending:
+    """What the host must know to turn a device row into a report."""
+
+    report: StepReport
+    positions: list[int] | None
+    arrivals: tuple[torch.Tensor, ...]
+    has_loss: bool
+    has_scale: bool
+    skip_reason: str | None
+    action: str | None
+
+
+class BackwardScope:
+    """Handle yielded by :meth:`GradWatch.backward`; ``report`` is set when a check ran on exit."""
+
+    report: StepReport | None = None
+
+
+class GradWatch:
+    """Watches a model's gradients: norms, NaN/Inf, spikes; clips and skips; reports.
+
+    Use it in one of three ways (they can be mixed): ``attach(optimizer)`` to check right before
+    every ``optimizer.step()``; ``with watch.backward(loss=loss): loss.backward()``; or
+    ``watch.check(loss=loss)`` explicitly after backward (e.g. after ``scaler.unscale_``).
+
+    Args:
+        model: An ``nn.Module`` or an iterable of ``(name, parameter)`` pairs.
+        clip: A clipper (``ClipNorm``, ``ClipValue``, ...) applied at every check, or None.
+        on_nonfinite: On a NaN/Inf gradient: ``"warn"`` (report only), ``"skip"`` (the optimizer
+            step changes nothing) or ``"raise"`` (:class:`~gradwatch.NonFiniteGradientError`).
+        on_spike: On a gradient-norm spike: ``"warn"``, ``"clip"`` (rescale to the detector's
+            threshold), ``"skip"`` or ``"raise"`` (:class:`~gradwatch.GradientSpikeError`).
+        sinks: Where records go. None means one :class:`~gradwatch.ConsoleSink`; ``[]`` means none.
+        norm_type: Order of the global norm; defaults to the clipper's, else 2.
+        spike_detector: Detector for gradient-norm spikes (default ``SpikeDetector()``).
+        loss_detector: Detector for loss spikes, fed when a loss is given (default
+            ``SpikeDetector()``).
+        accumulation_steps: With :meth:`backward` and no attached optimizer, check once every this
+            many backward passes (gradient accumulation).
+        history: Number of recent reports kept in :attr:`history`.
+        layer_depth: Group parameters into layers by their first ``layer_depth`` name parts in
+            summaries (None: by owning module).
+
+    Raises:
+        TypeError, ValueError: An argument is invalid (the message names it).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        clip: Clipper | None = None,
+        on_nonfinite: NonFinitePolicy = "warn",
+        on_spike: SpikePolicy = "warn",
+        sinks: list[Sink] | None = None,
+        norm_type: float | None = None,
+        spike_detector: SpikeDetector | None = None,
+        loss_detector: SpikeDetector | None = None,
+        accumulation_steps: int = 1,
+        history: int = 256,
+        layer_depth: int | None = None,
+    ) -> None:
+        if clip is not None and not isinstance(clip, Clipper):
+            raise ConfigTypeError(
+                "clip must be a gradwatch clipper such as ClipNorm(1.0) or ClipValue(0.5), "
+                f"or None; got {type(clip).__name__}"
+            )
+        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
+        self.on_spike = check_choice("on_spike", on_spike, SPIKE_POLICIES)
+        clip_norm_type = clip.norm_type if clip is not None else None
+        if norm_type is None:
+            norm_type = clip_norm_type if clip_norm_type is not None else 2.0
+        self.norm_type = check_norm_type("norm_type", norm_type)
+        if clip_norm_type is not None and clip_norm_type != self.norm_type:
+            raise ConfigError(
+                f"norm_type={norm_type!r} differs from the clipper's norm_type={clip_norm_type!r}; "
+                "give one norm_type (the clipper's is used when norm_type is left out)"
+            )
+        for name, det in (("spike_detector", spike_detector), ("loss_detector", loss_detector)):
+            if det is not None and not isinstance(det, SpikeDetector):
+                raise ConfigTypeError(
+                    f"{name} must be a SpikeDetector or None, got {type(det).__name__}"
+                )
+        self.accumulation_steps = check_int("accumulation_steps", accumulation_steps)
+        history = check_int("history", history)
+        if layer_depth is not None:
+            check_int("layer_depth", layer_depth)
+        if sinks is None:
+            from gradwatch.report.console import ConsoleSink
+
+            sinks = [ConsoleSink()]
+        elif not isinstance(sinks, (list, tuple)):
+            raise ConfigTypeError(
+                f"sinks must be a list of sinks or None, got {type(sinks).__name__}"
+            )
+        for i, sink in enumerate(sinks):
+            if not callable(getattr(sink, "write", None)):
+                raise ConfigTypeError(
+                    f"sinks[{i}] must have a write(record) method (subclass gradwatch.Sink), "
+                    f"got {type(sink).__name__}"
+                )
+
+        watched = resolve_params(model)
+        self._watched = watched
+        self.names = watched.names
+        self.clipper = clip
+        self.spike_detector = spike_detector or SpikeDetector()
+        self.loss_detector = loss_detector or SpikeDetector()
+        self._baseline = ParamBaseline(len(watched), alpha=self.spike_detector.alpha)
+
+        first = watched.params[0]
+        dtype = GradCollector.statistics_dtype(watched.params)
+        self._collector = GradCollector(watched.params, first.device, dtype)
+        self._ring = StatsRing(len(watched), capacity=64, device=first.device, dtype=dtype)
+        self._arrivals = ArrivalOrder(watched.params, watched.position)
+        self._finalizer = weakref.finalize(self, ArrivalOrder.remove, self._arrivals)
+
+        self.history: deque[StepReport] = deque(maxlen=history)
+        self._pending: dict[int, _Pending] = {}
+        self._aggregator = StepAggregator(self.names, depth=layer_depth)
+        self._sinks = SinkGroup(sinks)
+        self._step = 0
+        self._micro_losses: list[Any] = []
+        self._micro_batches = 0
+        self._guard: StepGuard | None = None
+        self._last_skip = False
+        self._closed = False
+        self._sinks.write(self._run_start(layer_depth))
+
+    # ----------------------------------------------------------------------------- public API
+
+    @property
+    def step(self) -> int:
+        """Number of steps checked so far (the next report's ``step``)."""
+        return self._step
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def attach(self, optimizer: torch.optim.Optimizer, *, scaler: Any = None) -> GradWatch:
+        """Check right before every ``optimizer.step()``, and skip the step when a policy says so.
+
+        Under gradient accumulation this checks once per optimizer step, on the accumulated
+        gradients. Pass the ``torch.amp.GradScaler`` stepping this optimizer to have the steps it
+        skips (inf/NaN found) reported as skipped, with the loss scale.
+
+        Returns:
+            The watcher, for chaining.
+
+        Raises:
+            TypeError: ``optimizer`` has no ``step`` method or ``scaler`` no ``step`` method.
+            StateError: Already attached, or closed.
+        """
+        self._ensure_open("attach")
+        if self._guard is not None:
+            raise StateError(
+                f"attach() was already called with {type(self._guard.optimizer).__name__}; "
+                "a watcher guards one optimizer (call detach() first to switch)"
+            )
+        if not callable(getattr(optimizer, "step", None)):
+            raise ConfigTypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if scaler is not None and not callable(getattr(scaler, "step", None)):
+            raise ConfigTypeError(
+                f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}"
+            )
+        self._guard = StepGuard(optimizer, self._before_step, scaler, self._after_scaler_skip)
+        return self
+
+    def detach(self) -> None:
+        """Stop guarding the attached optimizer (no-op if none)."""
+        if self._guard is not None:
+            self._guard.remove()
+            self._guard = None
+
+    @contextmanager
+    def backward(self, loss: Any = None) -> Iterator[BackwardScope]:
+        """Context manager around ``loss.backward()``; checks the gradients on exit.
+
+        With ``accumulation_steps=N`` it checks on every N-th exit; with an attached optimizer it
+        only records the loss and leaves the check to ``optimizer.step()``.
+
+        Args:
+            loss: The loss being backpropagated (tensor or float), for loss-spike detection.
+        """
+        self._ensure_open("backward")
+        if self._micro_batches == 0:
+            self._arrivals.clear()
+        scope = BackwardScope()
+        yield scope
+        if loss is not None:
+            self._micro_losses.append(_detached(loss))
+        self._micro_batches += 1
+        if self._guard is None and self._micro_batches >= self.accumulation_steps:
+            scope.report = self._check(None, skip_reason=None, from_optimizer=False)
+
+    def check(self, loss: Any = None) -> StepReport:
+        """Check the gradients present now: norms, NaN/Inf, spikes; clip; apply policies.
+
+        Works whether or not a backward pass was seen by the hooks. Without an attached optimizer
+        a "skip" decision drops the gradients (``p.grad = None``), so the following
+        ``optimizer.step()`` of any standard torch optimizer changes nothing.
+
+        Args:
+            loss: This step's loss (tensor or float), or None.
+
+        Returns:
+            The step's report. Its numbers are copied to the host on first access.
+
+        Raises:
+            NonFiniteGradientError: ``on_nonfinite="raise"`` and a gradient holds NaN/Inf.
+            GradientSpikeError: ``on_spike="raise"`` and the global norm is a spike.
+            StateError: The watcher is closed.
+        """
+        self._ensure_open("check")
+        if loss is not None:
+            self._micro_losses.append(_detached(loss))
+        return self._check(None, skip_reason=None, from_optimizer=False)
+
+    def flush(self) -> None:
+        """Bring every pending step to the host and out to the sinks (waits for the device)."""
+        self._drain(wait=True)
+
+    def summary(self) -> RunSummary:
+        """Statistics of the whole run so far (drains pending steps first)."""
+        self.flush()
+        return self._aggregator.summary()
+
+    def close(self) -> RunSummary:
+        """Remove every hook, restore the optimizer, emit the final summary, close the sinks.
+
+        Idempotent: later calls return the same summary and do nothing else.
+        """
+        if self._closed:
+            return self._final
+        self.flush()
+        self._final = self._aggregator.summary()
+        self._closed = True
+        self.detach()
+        self._arrivals.remove()
+        self._finalizer.detach()
+        self._sinks.write(self._final)
+        self._sinks.close()
+        return self._final
+
+    def __enter__(self) -> GradWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Detector, baseline and clipper state, to resume a run exactly (drains first)."""
+        self.flush()
+        return {
+            "step": self._step,
+            "names": list(self.names),
+            "spike_detector": self.spike_detector.state_dict(),
+            "loss_detector": self.loss_detector.state_dict(),
+            "baseline": self._baseline.state_dict(),
+            "clip": self.clipper.state_dict() if self.clipper is not None else {},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output, e.g. when resuming from a checkpoint.
+
+        Raises:
+            ValueError: The state was saved from a watcher over different parameters.
+        """
+        if list(state.get("names", [])) != list(self.names):
+            raise ConfigError(
+                "state was saved from a watcher over different parameters "
+                f"({len(state.get('names', []))} names vs {len(self.names)} here)"
+            )
+        self.flush()
+        self._step = int(state["step"])
+        self.spike_detector.load_state_dict(state["spike_detector"])
+        self.loss_detector.load_state_dict(state["loss_detector"])
+        self._baseline.load_state_dict(state["baseline"])
+        if self.clipper is not None:
+            self.clipper.load_state_dict(state["clip"])
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"step={self._step}"
+        return (
+            f"GradWatch({len(self.names)} params, clip={self.clipper!r}, "
+            f"on_nonfinite={self.on_nonfinite!r}, on_spike={self.on_spike!r}, {state})"
+        )
+
+    # ------------------------------------------------------------------------------ hot path
+
+    def _before_step(self) -> bool:
+        self._check(None, skip_reason=None, from_optimizer=True)
+        return not self._last_skip
+
+    def _after_scaler_skip(self) -> None:
+        self._check(None, skip_reason="GradScaler found inf/NaN", from_optimizer=True)
+
+    def _check(self, _: None, *, skip_reason: str | None, from_optimizer: bool) -> StepReport:
+        self._ensure_open("check")
+        ring = self._ring
+        if ring.written - ring.read >= ring.capacity:
+            self._drain(wait=True, upto=ring.read)
+        number, row = ring.claim()
+        with torch.no_grad():
+            batch = self._collector.gather()
+            norms = row[NORMS:]
+            if batch is None:
+                row[:NORMS].zero_()
+                norms.zero_()
+            else:
+                self._collector.param_norms_(batch, norms)
+                self._collector.global_norm_(batch, norms, self.norm_type, row[GLOBAL])
+            has_loss = self._write_loss(row)
+            has_scale = self._write_scale(row)
+
+            action = None
+            if skip_reason is None:
+                skip_reason, action = self._decide(number, row)
+            self._last_skip = skip_reason is not None
+            if batch is not None and not self._last_skip:
+                self._clip(batch, row)
+            elif self.clipper is not None or self.on_spike == "clip":
+                row[COEF].fill_(1.0)
+            if action == "skipped" and not from_optimizer and batch is not None:
+                drop_gradients(batch.params)
+        ring.commit(number)
+
+        report = StepReport._deferred(self._step, lambda: self._drain(wait=True, upto=number))
+        self._pending[number] = _Pending(
+            report,
+            None if batch is None else batch.positions,
+            self._arrivals.snapshot(),
+            has_loss,
+            has_scale,
+            skip_reason,
+            action or ("skipped" if skip_reason else None),
+        )
+        if batch is None:
+            self._pending[number].positions = []
+        self._step += 1
+        self._micro_batches = 0
+        self._arrivals.clear()
+        self._drain(wait=False)
+        if action == "raise":
+            self._drain(wait=True, upto=number)
+            self._raise(report)
+        return report
+
+    def _write_loss(self, row: torch.Tensor) -> bool:
+        losses = self._micro_losses
+        if not losses:
+            return False
+        if len(losses) == 1:
+            loss = losses[0]
+        else:
+            loss = torch.stack(
+                [torch.as_tensor(v, dtype=row.dtype, device=row.device) for v in losses]
+            ).mean()
+        if isinstance(loss, torch.Tensor):
+            row[LOSS].copy_(loss.reshape(()) if loss.numel() == 1 else loss.mean())
+        else:
+            row[LOSS].fill_(float(loss))
+        self._micro_losses = []
+        return True
+
+    def _write_scale(self, row: torch.Tensor) -> bool:
+        scaler = self._guard.scaler if self._guard is not None else None
+        scale = getattr(scaler, "_scale", None)
+        if scale is None:
+            return False
+        row[SCALE].copy_(scale.reshape(()))
+        return True
+
+    def _decide(self, number: int, row: torch.Tensor) -> tuple[str | None, str | None]:
+        """Skip/raise decisions that must be made now. The only place the host waits."""
+        needs_spike = self.on_spike in ("skip", "raise")
+        if self.on_nonfinite == "warn" and not needs_spike:
+            return None, None
+        global_norm = self._read_now(row[GLOBAL])
+        if not math.isfinite(global_norm) and self.on_nonfinite != "warn":
+            if self.on_nonfinite == "raise":
+                return "non-finite gradient", "raise"
+            return "non-finite gradient", "skipped"
+        if needs_spike:
+            self._drain(wait=True)  # detector state must include every earlier step
+            threshold = self.spike_detector.threshold
+            if threshold is not None and global_norm > threshold:
+                if self.on_spike == "raise":
+                    return "gradient norm spike", "raise"
+                return "gradient norm spike", "skipped"
+        return None, None
+
+    def _read_now(self, value: torch.Tensor) -> float:
+        return float(value)  # sync: only reached when a policy must decide now
+
+    def _clip(self, batch: Any, row: torch.Tensor) -> None:
+        if self.clipper is not None:
+            self.clipper.clip_(batch, row[GLOBAL], row[NORMS:], row[COEF])
+        if self.on_spike == "clip":
+            self._drain(wait=True)  # the threshold depends on every earlier step
+            threshold = self.spike_detector.threshold
+            if threshold is None:
+                return
+            if self.clipper is None:
+                row[COEF].fill_(1.0)
+            current = row[GLOBAL] * row[COEF]
+            coef = (current + EPS).reciprocal_().mul_(threshold).clamp_(max=1.0)
+            scale_(batch, coef)
+            row[COEF].mul_(coef)
+
+    # ------------------------------------------------------------------------------ emission
+
+    def _drain(self, *, wait: bool, upto: int | None = None) -> None:
+        """Turn device rows into reports, in order, and send them to the sinks.
+
+        Args:
+            wait: Block on rows not yet on the host (else stop at the first such row).
+            upto: Last row number to process (default: every written row).
+        """
+        ring = self._ring
+        last = ring.written - 1 if upto is None else upto
+        while ring.read <= last:
+            number = ring.read
+            if not ring.ready(number):
+                if not wait:
+                    return
+                ring.wait(number)
+            ring.read += 1
+            self._emit(self._pending.pop(number), ring.host_row(number))
+
+    def _emit(self, pending: _Pending, row: Any) -> None:
+        report = pending.report
+        norms = row[NORMS:]
+        global_norm = float(row[GLOBAL])
+        positions = pending.positions
+        if positions is None:
+            names, values = self.names, norms
+        else:
+            names, values = tuple(self.names[i] for i in positions), norms[positions]
+        nonfinite: tuple[str, ...] = ()
+        if not math.isfinite(global_norm):
+            order = self._arrivals.positions(pending.arrivals)
+            nonfinite = tuple(
+                self.names[i] for i in nonfinite_in_backward_order(norms, positions, order)
+            )
+        threshold = self.spike_detector.threshold
+        spike = self.spike_detector.update(global_norm)
+        culprits: tuple[str, ...] = ()
+        if spike:
+            culprits = tuple(self.names[i] for i in self._baseline.culprits(norms))
+        if positions is None:
+            self._baseline.update(norms)
+        loss = float(row[LOSS]) if pending.has_loss else None
+        loss_spike = self.loss_detector.update(loss) if loss is not None else False
+        report._fill(
+            global_norm=global_norm,
+            clipped_norm=global_norm * float(row[COEF]),
+            clip_coef=float(row[COEF]),
+            param_norms=ParamNorms(names, values),
+            nonfinite=nonfinite,
+            spike=spike,
+            loss_spike=loss_spike,
+            skipped=pending.skip_reason is not None,
+            loss=loss,
+            skip_reason=pending.skip_reason,
+            spike_params=culprits,
+            spike_threshold=threshold,
+            scale=float(row[SCALE]) if pending.has_scale else None,
+            norm_type=self.norm_type,
+        )
+        self.history.append(report)
+        self._aggregator.update(report)
+        self._sinks.write(report)
+        for event in self._events(report, pending.action):
+            self._sinks.write(event)
+
+    def _events(self, report: StepReport, action: str | None) -> list[Event]:
+        events = []
+        taken = {"skipped": "step skipped", "raise": "raised"}.get(action or "", "")
+        if report.nonfinite:
+            first = report.nonfinite[0]
+            owner = self._watched.owner_types[self._watched.position[id(self._param(first))]]
+            kind = "NaN" if math.isnan(report.param_norms.get(first, math.nan)) else "Inf"
+            more = f" (+{len(report.nonfinite) - 1} more)" if len(report.nonfinite) > 1 else ""
+            message = (
+                f"step {report.step}: {kind} in gradient of {first}"
+                f"{f' ({owner})' if owner else ''}{more}, first in backward order"
+                f"{'; loss ' + _fmt(report.loss) if report.loss is not None else ''}"
+                f"; {taken or ('reported only' if self.on_nonfinite == 'warn' else 'skipped')}"
+            )
+            events.append(
+                Event(
+                    report.step,
+                    "nonfinite",
+                    message,
+                    report.nonfinite,
+                    {"first": first, "value": kind, "global_norm": report.global_norm},
+                )
+            )
+        if report.spike:
+            threshold = report.spike_threshold or math.nan
+            drivers = ", ".join(report.spike_params) or "no single parameter"
+            what = taken or {"clip": f"clipped to {_fmt(threshold)}"}.get(self.on_spike, "reported")
+            message = (
+                f"step {report.step}: gradient norm spike {_fmt(report.global_norm)} "
+                f"(threshold {_fmt(threshold)}); driven by {drivers}; {what}"
+            )
+            events.append(
+                Event(
+                    report.step,
+                    "spike",
+                    message,
+                    report.spike_params,
+                    {"global_norm": report.global_norm, "threshold": threshold},
+                )
+            )
+        if report.loss_spike:
+            message = f"step {report.step}: loss spike {_fmt(report.loss)}"
+            events.append(Event(report.step, "loss_spike", message, (), {"loss": report.loss}))
+        if report.skipped and not report.nonfinite and not report.spike:
+            message = f"step {report.step}: optimizer step skipped ({report.skip_reason})"
+            events.append(
+                Event(report.step, "skip", message, (), {"reason": report.skip_reason or ""})
+            )
+        return events
+
+    def _raise(self, report: StepReport) -> None:
+        if report.nonfinite or not math.isfinite(report.global_norm):
+            names = ", ".join(report.nonfinite[:5]) + (" ..." if len(report.nonfinite) > 5 else "")
+            raise NonFiniteGradientError(
+                f"non-finite gradient at step {report.step} in {names} "
+                f"(first in backward order: {report.nonfinite[0] if report.nonfinite else '?'})",
+                step=report.step,
+                params=report.nonfinite,
+            )
+        threshold = report.spike_threshold or math.nan
+        raise GradientSpikeError(
+            f"gradient norm spike at step {report.step}: {_fmt(report.global_norm)} > threshold "
+            f"{_fmt(threshold)}; driven by {', '.join(report.spike_params) or '?'}",
+            step=report.step,
+            global_norm=report.global_norm,
+            threshold=threshold,
+        )
+
+    # ------------------------------------------------------------------------------- helpers
+
+    def _param(self, name: str) -> torch.Tensor:
+        return self._watched.params[self.names.index(name)]
+
+    def _ensure_open(self, what: str) -> None:
+        if self._closed:
+            raise StateError(f"{what}() called after close(); create a new GradWatch")
+
+    def _run_start(self, layer_depth: int | None) -> RunStart:
+        params = tuple(
+            ParamInfo(n, tuple(p.shape), str(p.dtype).replace("torch.", ""))
+            for n, p in zip(self.names, self._watched.params)
+        )
+        config = {
+            "clip": self.clipper.config() if self.clipper is not None else None,
+            "on_nonfinite": self.on_nonfinite,
+            "on_spike": self.on_spike,
+            "norm_type": self.norm_type,
+            "accumulation_steps": self.accumulation_steps,
+            "layer_depth": layer_depth,
+            "spike_detector": {
+                "alpha": self.spike_detector.alpha,
+                "z_threshold": self.spike_detector.z_threshold,
+                "warmup": self.spike_detector.warmup,
+            },
+        }
+        return RunStart(__version__, torch.__version__, params, config, time.time())
+
+
+def _detached(loss: Any) -> Any:
+    if isinstance(loss, torch.Tensor):
+        return loss.detach()
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return float(loss)
+    raise ConfigTypeError(f"loss must be a tensor or a number, got {type(loss).__name__}")
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4g}"
