@@ -131,7 +131,8 @@ class ClipValue(Clipper):
         ]
         after = torch.linalg.vector_norm(torch.stack(norms), self.norm_type)
         # after / before, and 1 where nothing changed (also covers a zero norm).
-        torch.where(after == total_norm, 1.0, after / total_norm, out=out)
+        torch.div(after, total_norm, out=out)
+        out.masked_fill_(after == total_norm, 1.0)
 
     def config(self) -> dict[str, Any]:
         return {"name": "ClipValue", "clip_value": self.clip_value}

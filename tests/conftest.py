@@ -1,0 +1,58 @@
+"""Shared fixtures: small real models and a quiet watcher factory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class TiedModel(nn.Module):
+    """Embedding and decoder share one weight; a frozen layer; a buffer; an unused branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 6)
+        self.body = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6))
+        self.frozen = nn.Linear(6, 6)
+        self.frozen.requires_grad_(False)
+        self.unused = nn.Linear(6, 6)
+        self.decoder = nn.Linear(6, 10, bias=False)
+        self.decoder.weight = self.embed.weight
+        self.register_buffer("running", torch.zeros(6))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.frozen(self.body(self.embed(tokens))))
+
+
+def mlp(depth: int = 3, width: int = 8, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    layers.append(nn.Linear(width, 1))
+    return nn.Sequential(*layers).to(dtype)
+
+
+def backward(model: nn.Module, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    """One forward/backward on random data; returns the loss."""
+    gen = torch.Generator().manual_seed(seed)
+    first = next(p for p in model.parameters())
+    x = torch.randn(16, model[0].in_features, generator=gen).to(first.dtype)
+    loss = model(x).pow(2).mean() * scale
+    loss.backward()
+    return loss
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def clone_with_grads(model: nn.Module) -> nn.Module:
+    """A deep copy that also copies ``.grad`` (``copy.deepcopy`` of a Parameter drops it)."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.grad = None if p.grad is None else p.grad.clone()
+    return twin
