@@ -5,6 +5,7 @@ against the run's own history, clipping and step skipping, and reports people re
 """
 
 from gradwatch._version import __version__
+from gradwatch.act.adaptive import ClipPercentile, ClipUnitwise, ClipZScore
 from gradwatch.act.clip import ClipNorm, Clipper, ClipValue
 from gradwatch.detect.spikes import SpikeDetector
 from gradwatch.errors import (
@@ -30,7 +31,10 @@ from gradwatch.watch import GradWatch
 
 __all__ = [
     "ClipNorm",
+    "ClipPercentile",
+    "ClipUnitwise",
     "ClipValue",
+    "ClipZScore",
     "Clipper",
     "ConfigError",
     "ConsoleSink",

@@ -26,7 +26,7 @@ from gradwatch.act.skip import StepGuard, drop_gradients
 from gradwatch.collect.hooks import ArrivalOrder
 from gradwatch.collect.norms import GradCollector
 from gradwatch.collect.params import resolve_params
-from gradwatch.collect.ring import COEF, GLOBAL, LOSS, NORMS, SCALE, StatsRing
+from gradwatch.collect.ring import COEF, GLOBAL, LOSS, NORMS, SCALE, Slot, StatsRing
 from gradwatch.config import (
     NONFINITE_POLICIES,
     SPIKE_POLICIES,
@@ -49,6 +49,9 @@ from gradwatch.records import Event, ParamInfo, ParamNorms, RunStart, RunSummary
 from gradwatch.report.base import Sink, SinkGroup, StepAggregator
 
 __all__ = ["BackwardScope", "GradWatch"]
+
+DRAIN_BATCH = 32
+"""Rows emitted together when nothing urgent happened (alerts are emitted at once)."""
 
 
 @dataclass
@@ -155,6 +158,8 @@ class GradWatch:
                 )
 
         watched = resolve_params(model)
+        if clip is not None:
+            clip.bind(zip(watched.names, watched.params))
         self._watched = watched
         self.names = watched.names
         self.clipper = clip
@@ -169,7 +174,7 @@ class GradWatch:
         self._arrivals = ArrivalOrder(watched.params, watched.position)
         self._finalizer = weakref.finalize(self, ArrivalOrder.remove, self._arrivals)
 
-        self.history: deque[StepReport] = deque(maxlen=history)
+        self._history: deque[StepReport] = deque(maxlen=history)
         self._pending: dict[int, _Pending] = {}
         self._aggregator = StepAggregator(self.names, depth=layer_depth)
         self._sinks = SinkGroup(sinks)
@@ -177,6 +182,10 @@ class GradWatch:
         self._micro_losses: list[Any] = []
         self._micro_batches = 0
         self._guard: StepGuard | None = None
+        self._writes_coef = clip is not None or self.on_spike == "clip"
+        self._scanned = 0  # rows checked for urgency by _scan
+        self._alert_norm = math.inf  # spike threshold as of the last drain
+        self._alert_loss = math.inf
         self._last_skip = False
         self._closed = False
         self._sinks.write(self._run_start(layer_depth))
@@ -190,7 +199,17 @@ class GradWatch:
 
     @property
     def closed(self) -> bool:
+        """True once :meth:`close` ran."""
         return self._closed
+
+    @property
+    def history(self) -> deque[StepReport]:
+        """The most recent reports (up to ``history``), oldest first, including the last step.
+
+        Reading it brings pending steps to the host first (a device wait on accelerators).
+        """
+        self.flush()
+        return self._history
 
     def attach(self, optimizer: torch.optim.Optimizer, *, scaler: Any = None) -> GradWatch:
         """Check right before every ``optimizer.step()``, and skip the step when a policy says so.
@@ -357,27 +376,26 @@ class GradWatch:
         ring = self._ring
         if ring.written - ring.read >= ring.capacity:
             self._drain(wait=True, upto=ring.read)
-        number, row = ring.claim()
+        number, slot = ring.claim()
         with torch.no_grad():
             batch = self._collector.gather()
-            norms = row[NORMS:]
             if batch is None:
-                row[:NORMS].zero_()
-                norms.zero_()
+                slot.row.zero_()
+                slot.coef.fill_(1.0)
             else:
-                self._collector.param_norms_(batch, norms)
-                self._collector.global_norm_(batch, norms, self.norm_type, row[GLOBAL])
-            has_loss = self._write_loss(row)
-            has_scale = self._write_scale(row)
+                self._collector.param_norms_(batch, slot.norms)
+                self._collector.global_norm_(batch, slot.norms, self.norm_type, slot.global_norm)
+            has_loss = self._write_loss(slot.loss)
+            has_scale = self._write_scale(slot.scale)
 
             action = None
             if skip_reason is None:
-                skip_reason, action = self._decide(number, row)
+                skip_reason, action = self._decide(slot)
             self._last_skip = skip_reason is not None
             if batch is not None and not self._last_skip:
-                self._clip(batch, row)
-            elif self.clipper is not None or self.on_spike == "clip":
-                row[COEF].fill_(1.0)
+                self._clip(batch, slot)
+            elif self._writes_coef:
+                slot.coef.fill_(1.0)
             if action == "skipped" and not from_optimizer and batch is not None:
                 drop_gradients(batch.params)
         ring.commit(number)
@@ -385,25 +403,23 @@ class GradWatch:
         report = StepReport._deferred(self._step, lambda: self._drain(wait=True, upto=number))
         self._pending[number] = _Pending(
             report,
-            None if batch is None else batch.positions,
+            [] if batch is None else batch.positions,
             self._arrivals.snapshot(),
             has_loss,
             has_scale,
             skip_reason,
             action or ("skipped" if skip_reason else None),
         )
-        if batch is None:
-            self._pending[number].positions = []
         self._step += 1
         self._micro_batches = 0
         self._arrivals.clear()
-        self._drain(wait=False)
         if action == "raise":
             self._drain(wait=True, upto=number)
             self._raise(report)
+        self._scan()
         return report
 
-    def _write_loss(self, row: torch.Tensor) -> bool:
+    def _write_loss(self, out: torch.Tensor) -> bool:
         losses = self._micro_losses
         if not losses:
             return False
@@ -411,29 +427,29 @@ class GradWatch:
             loss = losses[0]
         else:
             loss = torch.stack(
-                [torch.as_tensor(v, dtype=row.dtype, device=row.device) for v in losses]
+                [torch.as_tensor(v, dtype=out.dtype, device=out.device) for v in losses]
             ).mean()
         if isinstance(loss, torch.Tensor):
-            row[LOSS].copy_(loss.reshape(()) if loss.numel() == 1 else loss.mean())
+            out.copy_(loss.reshape(()) if loss.numel() == 1 else loss.mean())
         else:
-            row[LOSS].fill_(float(loss))
+            out.fill_(float(loss))
         self._micro_losses = []
         return True
 
-    def _write_scale(self, row: torch.Tensor) -> bool:
+    def _write_scale(self, out: torch.Tensor) -> bool:
         scaler = self._guard.scaler if self._guard is not None else None
         scale = getattr(scaler, "_scale", None)
         if scale is None:
             return False
-        row[SCALE].copy_(scale.reshape(()))
+        out.copy_(scale.reshape(()))
         return True
 
-    def _decide(self, number: int, row: torch.Tensor) -> tuple[str | None, str | None]:
+    def _decide(self, slot: Slot) -> tuple[str | None, str | None]:
         """Skip/raise decisions that must be made now. The only place the host waits."""
         needs_spike = self.on_spike in ("skip", "raise")
         if self.on_nonfinite == "warn" and not needs_spike:
             return None, None
-        global_norm = self._read_now(row[GLOBAL])
+        global_norm = float(slot.global_norm)  # sync: a policy must decide now
         if not math.isfinite(global_norm) and self.on_nonfinite != "warn":
             if self.on_nonfinite == "raise":
                 return "non-finite gradient", "raise"
@@ -447,25 +463,48 @@ class GradWatch:
                 return "gradient norm spike", "skipped"
         return None, None
 
-    def _read_now(self, value: torch.Tensor) -> float:
-        return float(value)  # sync: only reached when a policy must decide now
-
-    def _clip(self, batch: Any, row: torch.Tensor) -> None:
+    def _clip(self, batch: Any, slot: Slot) -> None:
         if self.clipper is not None:
-            self.clipper.clip_(batch, row[GLOBAL], row[NORMS:], row[COEF])
+            self.clipper.clip_(batch, slot.global_norm, slot.norms, slot.coef)
         if self.on_spike == "clip":
             self._drain(wait=True)  # the threshold depends on every earlier step
             threshold = self.spike_detector.threshold
+            if self.clipper is None:
+                slot.coef.fill_(1.0)
             if threshold is None:
                 return
-            if self.clipper is None:
-                row[COEF].fill_(1.0)
-            current = row[GLOBAL] * row[COEF]
+            current = slot.global_norm * slot.coef
             coef = (current + EPS).reciprocal_().mul_(threshold).clamp_(max=1.0)
             scale_(batch, coef)
-            row[COEF].mul_(coef)
+            slot.coef.mul_(coef)
 
     # ------------------------------------------------------------------------------ emission
+
+    def _scan(self) -> None:
+        """Emit rows that need a person's attention now; batch the others.
+
+        Reading one value per row from the host mirror costs no device wait. A row is emitted at
+        once when its global norm is non-finite or above the spike threshold, its loss above the
+        loss threshold, or its step was skipped; otherwise rows are emitted in batches.
+        """
+        ring = self._ring
+        while self._scanned < ring.written:
+            number = self._scanned
+            value = ring.peek(number, GLOBAL)
+            if value is None:
+                return  # not on the host yet: look again at the next step
+            self._scanned += 1
+            pending = self._pending.get(number)
+            if pending is None:
+                continue
+            urgent = not math.isfinite(value) or value > self._alert_norm or pending.skip_reason
+            if not urgent and pending.has_loss:
+                loss = ring.peek(number, LOSS)
+                urgent = loss is not None and not (loss <= self._alert_loss)
+            if urgent:
+                self._drain(wait=False, upto=number)
+        if ring.written - ring.read >= DRAIN_BATCH:
+            self._drain(wait=False)
 
     def _drain(self, *, wait: bool, upto: int | None = None) -> None:
         """Turn device rows into reports, in order, and send them to the sinks.
@@ -476,14 +515,21 @@ class GradWatch:
         """
         ring = self._ring
         last = ring.written - 1 if upto is None else upto
+        emitted = False
         while ring.read <= last:
             number = ring.read
             if not ring.ready(number):
                 if not wait:
-                    return
+                    break
                 ring.wait(number)
             ring.read += 1
             self._emit(self._pending.pop(number), ring.host_row(number))
+            emitted = True
+        if emitted:
+            self._scanned = max(self._scanned, ring.read)
+            spike, loss = self.spike_detector.threshold, self.loss_detector.threshold
+            self._alert_norm = math.inf if spike is None else spike
+            self._alert_loss = math.inf if loss is None else loss
 
     def _emit(self, pending: _Pending, row: Any) -> None:
         report = pending.report
@@ -505,14 +551,15 @@ class GradWatch:
         culprits: tuple[str, ...] = ()
         if spike:
             culprits = tuple(self.names[i] for i in self._baseline.culprits(norms))
-        if positions is None:
+        if positions is None and not nonfinite:
             self._baseline.update(norms)
         loss = float(row[LOSS]) if pending.has_loss else None
         loss_spike = self.loss_detector.update(loss) if loss is not None else False
+        coef = float(row[COEF])
         report._fill(
             global_norm=global_norm,
-            clipped_norm=global_norm * float(row[COEF]),
-            clip_coef=float(row[COEF]),
+            clipped_norm=global_norm * coef,
+            clip_coef=coef,
             param_norms=ParamNorms(names, values),
             nonfinite=nonfinite,
             spike=spike,
@@ -525,11 +572,12 @@ class GradWatch:
             scale=float(row[SCALE]) if pending.has_scale else None,
             norm_type=self.norm_type,
         )
-        self.history.append(report)
+        self._history.append(report)
         self._aggregator.update(report)
         self._sinks.write(report)
-        for event in self._events(report, pending.action):
-            self._sinks.write(event)
+        if nonfinite or spike or loss_spike or pending.skip_reason:
+            for event in self._events(report, pending.action):
+                self._sinks.write(event)
 
     def _events(self, report: StepReport, action: str | None) -> list[Event]:
         events = []

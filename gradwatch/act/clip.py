@@ -12,13 +12,13 @@ the device; they live in their own modules.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._foreach_utils import _device_has_foreach_support
 
-from gradwatch.collect.norms import GradBatch, foreach_norms
+from gradwatch.collect.norms import GradBatch, foreach_norms, has_foreach
 from gradwatch.config import check_norm_type, check_positive
 
 __all__ = ["ClipNorm", "ClipValue", "Clipper"]
@@ -48,6 +48,13 @@ class Clipper:
         """
         raise NotImplementedError
 
+    def bind(self, named_params: Iterable[tuple[str, Tensor]]) -> Clipper:
+        """Learn the watched parameters' names (the watcher calls this once); returns self.
+
+        Clippers that refer to parameters by name (e.g. to exclude a classifier) resolve them here.
+        """
+        return self
+
     def state_dict(self) -> dict[str, Any]:
         """The clipper's state (empty for stateless clippers)."""
         return {}
@@ -65,8 +72,8 @@ class Clipper:
 def scale_(batch: GradBatch, coef: Tensor) -> None:
     """Multiply every gradient in ``batch`` by the 0-d tensor ``coef`` (one kernel per group)."""
     for device, grads in batch.grouped():
-        factor = coef.to(device, non_blocking=True)
-        if _device_has_foreach_support(device):
+        factor = coef if coef.device == device else coef.to(device, non_blocking=True)
+        if has_foreach(device):
             torch._foreach_mul_(grads, factor)
         else:
             for g in grads:
@@ -118,7 +125,7 @@ class ClipValue(Clipper):
 
     def clip_(self, batch: GradBatch, total_norm: Tensor, param_norms: Tensor, out: Tensor) -> None:
         for device, grads in batch.grouped():
-            if _device_has_foreach_support(device):
+            if has_foreach(device):
                 torch._foreach_clamp_min_(grads, -self.clip_value)
                 torch._foreach_clamp_max_(grads, self.clip_value)
             else:

@@ -9,6 +9,7 @@ the host.
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass
 from itertools import repeat
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _device_has_foreach_support
 
-__all__ = ["GradBatch", "GradCollector"]
+__all__ = ["GradBatch", "GradCollector", "foreach_norms", "has_foreach"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -48,10 +49,16 @@ class GradBatch:
         return [(device, grads) for (device, _), (_, grads) in self.groups.items()]
 
 
+@functools.cache
+def has_foreach(device: torch.device) -> bool:
+    """Whether foreach kernels run on ``device`` (cached: the answer never changes)."""
+    return _device_has_foreach_support(device)
+
+
 def foreach_norms(device: torch.device, grads: list[Tensor], norm_type: float) -> list[Tensor]:
     """Norm of each tensor (0-d tensors), one fused kernel where the device supports it."""
     dtype = _norm_dtype(grads[0].dtype)
-    if _device_has_foreach_support(device) and not grads[0].is_sparse:
+    if has_foreach(device) and not grads[0].is_sparse:
         if dtype is grads[0].dtype:
             return list(torch._foreach_norm(grads, norm_type))
         return list(torch._foreach_norm(grads, norm_type, dtype=dtype))

@@ -13,14 +13,27 @@ one norm per parameter). The host reads rows later, in order:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["COEF", "GLOBAL", "LOSS", "NORMS", "SCALE", "StatsRing"]
+__all__ = ["COEF", "GLOBAL", "LOSS", "NORMS", "SCALE", "Slot", "StatsRing"]
 
 GLOBAL, COEF, LOSS, SCALE, NORMS = 0, 1, 2, 3, 4
 """Column layout of a row: global norm, clip coefficient, loss, loss scale, then per-param norms."""
+
+
+class Slot(NamedTuple):
+    """Views of one row, made once so the step path creates no tensor views."""
+
+    row: Tensor
+    global_norm: Tensor
+    coef: Tensor
+    loss: Tensor
+    scale: Tensor
+    norms: Tensor
 
 
 class StatsRing:
@@ -48,16 +61,16 @@ class StatsRing:
             pin = device.type == "cuda" and torch.cuda.is_available()
             self._host_tensor = torch.zeros(self.rows.shape, dtype=dtype, pin_memory=pin)
         self.host = self._host_tensor.numpy()
+        self.slots = [
+            Slot(row, row[GLOBAL], row[COEF], row[LOSS], row[SCALE], row[NORMS:])
+            for row in self.rows
+        ]
         self._events: list[object | None] = [None] * capacity
         self.written = 0  # rows written so far (the next row's number)
         self.read = 0  # rows read by the host so far
 
-    def row(self, number: int) -> Tensor:
-        """The device row for step ``number`` (call :meth:`slot` first to claim it)."""
-        return self.rows[number % self.capacity]
-
-    def claim(self) -> tuple[int, Tensor]:
-        """Claim the next row for writing; returns its number and device view.
+    def claim(self) -> tuple[int, Slot]:
+        """Claim the next row for writing; returns its number and its views.
 
         Raises:
             RuntimeError: the ring is full of unread rows (the caller must read first).
@@ -65,7 +78,7 @@ class StatsRing:
         if self.written - self.read >= self.capacity:
             raise RuntimeError("stats ring is full: read rows before claiming more")
         number = self.written
-        return number, self.rows[number % self.capacity]
+        return number, self.slots[number % self.capacity]
 
     def commit(self, number: int) -> None:
         """Mark row ``number`` written; start its copy to the host on accelerators."""
@@ -89,6 +102,12 @@ class StatsRing:
         if event is not None:
             event.synchronize()  # type: ignore[attr-defined]
             self._events[number % self.capacity] = None
+
+    def peek(self, number: int, column: int) -> float | None:
+        """One value of row ``number`` if it is on the host already, else None (never waits)."""
+        if not self.ready(number):
+            return None
+        return float(self.host[number % self.capacity, column])
 
     def host_row(self, number: int) -> np.ndarray:
         """A copy of row ``number`` on the host (call after :meth:`ready` or :meth:`wait`)."""

@@ -97,8 +97,9 @@ def layer_of(name: str, depth: int | None = None) -> str:
 class StepAggregator:
     """Accumulates step reports into a :class:`RunSummary`: global and per-layer statistics.
 
-    Per-layer norms are computed vectorised from each step's norm vector, so the cost per step does
-    not grow with Python-level work per parameter. Non-finite values never enter a statistic.
+    ``update`` only queues a report; queued reports are absorbed in vectorised batches (per-layer
+    norms of a batch are one matrix reduction), so the cost per step does not grow with
+    Python-level work per parameter. Non-finite values never enter a statistic.
 
     Args:
         names: Parameter names in the watcher's order.
@@ -106,6 +107,8 @@ class StepAggregator:
             module).
         max_origins: How many ``(step, parameter)`` NaN origins to keep.
     """
+
+    BATCH = 64
 
     def __init__(
         self, names: Sequence[str], *, depth: int | None = None, max_origins: int = 100
@@ -117,12 +120,17 @@ class StepAggregator:
             [layers.setdefault(layer_of(n, depth), len(layers)) for n in self.names], dtype=np.intp
         )
         self.layer_names = tuple(layers)
+        # Columns sorted by layer, and where each layer starts: a batch's per-layer sums of squares
+        # are one np.add.reduceat over the permuted columns.
+        self._perm = np.argsort(self._layer_of_param, kind="stable")
+        self._starts = np.searchsorted(self._layer_of_param[self._perm], np.arange(len(layers)))
         self.max_origins = max_origins
         self.reset()
 
     def reset(self) -> None:
         """Forget everything: start a new window."""
         n_layers = len(self.layer_names)
+        self._queue: list[StepReport] = []
         self.steps = 0
         self.first_step: int | None = None
         self.last_step: int | None = None
@@ -138,16 +146,27 @@ class StepAggregator:
         self.l_nonfinite = np.zeros(n_layers, dtype=np.int64)
         self.l_culprit = np.zeros(n_layers, dtype=np.int64)
 
+    def update(self, report: StepReport) -> None:
+        """Add one step (absorbed with the next batch)."""
+        self.steps += 1
+        if self.first_step is None:
+            self.first_step = report.step
+        self.last_step = report.step
+        self._queue.append(report)
+        if len(self._queue) >= self.BATCH:
+            self._absorb()
+
     def layer_norms(self, report: StepReport) -> tuple[np.ndarray, np.ndarray]:
         """L2 norm of each layer's gradient at one step, and which layers had a gradient.
 
         Layers without any gradient at that step get NaN in the first array and False in the second.
         """
         norms = report.param_norms
-        if norms.names is self.names or norms.names == self.names:
-            index = self._layer_of_param
-        else:
-            index = self._layer_of_param[[self._position[n] for n in norms.names]]
+        if self._is_full(norms.names):
+            return self._layer_matrix(norms.values[None, :])[0], np.ones(
+                len(self.layer_names), bool
+            )
+        index = self._layer_of_param[[self._position[n] for n in norms.names]]
         n_layers = len(self.layer_names)
         squares = np.bincount(
             index, weights=np.square(norms.values, dtype=np.float64), minlength=n_layers
@@ -158,40 +177,59 @@ class StepAggregator:
         out[~present] = np.nan
         return out, present
 
-    def update(self, report: StepReport) -> None:
-        """Add one step."""
-        self.steps += 1
-        if self.first_step is None:
-            self.first_step = report.step
-        self.last_step = report.step
-        g = report.global_norm
-        self.g_last = g
-        if math.isfinite(g):
-            self.g_min, self.g_max = min(self.g_min, g), max(self.g_max, g)
-            self.g_sum += g
-            self.g_count += 1
-        self.clipped += report.clip_coef < 1.0
-        self.spikes += report.spike
-        self.loss_spikes += report.loss_spike
-        self.skipped += report.skipped
-        if report.nonfinite:
-            self.nonfinite += 1
-            if len(self.origins) < self.max_origins:
-                self.origins.append((report.step, report.nonfinite[0]))
+    def _is_full(self, names: tuple[str, ...]) -> bool:
+        """True if ``names`` are all the parameters, in order (cheap when it is the same tuple)."""
+        return names is self.names or names == self.names
 
-        layer, present = self.layer_norms(report)
-        self.l_last = layer
+    def _layer_matrix(self, matrix: np.ndarray) -> np.ndarray:
+        """Per-layer L2 norms of a (steps, params) matrix of parameter norms."""
+        squares = np.square(matrix[:, self._perm], dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            return np.sqrt(np.add.reduceat(squares, self._starts, axis=1))
+
+    def _absorb(self) -> None:
+        queue, self._queue = self._queue, []
+        if not queue:
+            return
+        g = np.array([r.global_norm for r in queue], dtype=np.float64)
+        finite_g = np.isfinite(g)
+        if finite_g.any():
+            self.g_min = min(self.g_min, float(g[finite_g].min()))
+            self.g_max = max(self.g_max, float(g[finite_g].max()))
+            self.g_sum += float(g[finite_g].sum())
+            self.g_count += int(finite_g.sum())
+        self.g_last = float(g[-1])
+        for r in queue:
+            self.clipped += r.clip_coef < 1.0
+            self.spikes += r.spike
+            self.loss_spikes += r.loss_spike
+            self.skipped += r.skipped
+            if r.nonfinite:
+                self.nonfinite += 1
+                if len(self.origins) < self.max_origins:
+                    self.origins.append((r.step, r.nonfinite[0]))
+            for name in r.spike_params:
+                self.l_culprit[self._layer_of_param[self._position[name]]] += 1
+
+        full = [r.param_norms.values for r in queue if self._is_full(r.param_norms.names)]
+        if len(full) == len(queue):
+            layer = self._layer_matrix(np.stack(full))
+            present = np.ones_like(layer, dtype=bool)
+        else:
+            pairs = [self.layer_norms(r) for r in queue]
+            layer = np.stack([p[0] for p in pairs])
+            present = np.stack([p[1] for p in pairs])
         finite = np.isfinite(layer)
-        self.l_nonfinite += present & ~finite
-        self.l_min = np.where(finite, np.fmin(self.l_min, layer), self.l_min)
-        self.l_max = np.where(finite, np.fmax(self.l_max, layer), self.l_max)
-        self.l_sum += np.where(finite, layer, 0.0)
-        self.l_count += finite
-        for name in report.spike_params:
-            self.l_culprit[self._layer_of_param[self._position[name]]] += 1
+        self.l_last = layer[-1]
+        self.l_nonfinite += (present & ~finite).sum(axis=0)
+        self.l_min = np.fmin(self.l_min, np.where(finite, layer, np.inf).min(axis=0))
+        self.l_max = np.fmax(self.l_max, np.where(finite, layer, -np.inf).max(axis=0))
+        self.l_sum += np.where(finite, layer, 0.0).sum(axis=0)
+        self.l_count += finite.sum(axis=0)
 
     def summary(self) -> RunSummary:
         """The statistics so far as a record."""
+        self._absorb()
         count = np.maximum(self.l_count, 1)
         layers = tuple(
             LayerSummary(
