@@ -104,6 +104,8 @@ class StepReport:
         norm_type: Order of the norm used for ``global_norm``.
         micro_batch_norms: Global L2 norm of each micro-batch's gradient contribution, when
             per-micro-batch tracking is enabled (``GradWatch(track_micro_batches=True)``).
+        nonfinite_ranks: In a DDP run with ``rank_blame=True``, the ranks whose local gradients
+            held NaN/Inf before the all-reduce.
     """
 
     step: int
@@ -122,6 +124,7 @@ class StepReport:
     scale: float | None = None
     norm_type: float = 2.0
     micro_batch_norms: tuple[float, ...] = ()
+    nonfinite_ranks: tuple[int, ...] = ()
 
     # --- lazy materialisation -------------------------------------------------------------
     # A report made on the hot path holds a resolver instead of values. Reading any unset field

@@ -23,7 +23,14 @@ import torch
 from gradwatch._version import __version__
 from gradwatch.act.clip import EPS, Clipper, scale_
 from gradwatch.act.skip import StepGuard, drop_gradients
-from gradwatch.collect.hooks import ArrivalOrder
+from gradwatch.collect.distributed import (
+    RankBlame,
+    any_rank,
+    is_distributed,
+    rank,
+    unwrap_model,
+)
+from gradwatch.collect.hooks import ArrivalOrder, MicroBatchNorms
 from gradwatch.collect.norms import GradCollector
 from gradwatch.collect.params import resolve_params
 from gradwatch.collect.ring import COEF, GLOBAL, LOSS, NORMS, SCALE, Slot, StatsRing
@@ -65,6 +72,8 @@ class _Pending:
     has_scale: bool
     skip_reason: str | None
     action: str | None
+    micro: list[torch.Tensor]
+    blame: torch.Tensor | None
 
 
 class BackwardScope:
@@ -97,6 +106,14 @@ class GradWatch:
         history: Number of recent reports kept in :attr:`history`.
         layer_depth: Group parameters into layers by their first ``layer_depth`` name parts in
             summaries (None: by owning module).
+        log_rank: In a ``torch.distributed`` run, only this rank writes to the sinks (None: every
+            rank). Statistics are computed on every rank either way.
+        rank_blame: With a ``DistributedDataParallel`` model, check each rank's local gradients
+            for NaN/Inf before the all-reduce to name the rank a NaN came from (one extra read of
+            gradient memory and a tiny all-gather per step; no host sync).
+        track_micro_batches: Record the gradient norm of each micro-batch's contribution (each
+            :meth:`backward` scope) to find a bad micro-batch under gradient accumulation; costs
+            a Python hook call per parameter per backward.
 
     Raises:
         TypeError, ValueError: An argument is invalid (the message names it).
@@ -116,6 +133,9 @@ class GradWatch:
         accumulation_steps: int = 1,
         history: int = 256,
         layer_depth: int | None = None,
+        log_rank: int | None = 0,
+        rank_blame: bool = False,
+        track_micro_batches: bool = False,
     ) -> None:
         if clip is not None and not isinstance(clip, Clipper):
             raise ConfigTypeError(
@@ -157,7 +177,7 @@ class GradWatch:
                     f"got {type(sink).__name__}"
                 )
 
-        watched = resolve_params(model)
+        watched = resolve_params(unwrap_model(model))
         if clip is not None:
             clip.bind(zip(watched.names, watched.params))
         self._watched = watched
@@ -177,7 +197,21 @@ class GradWatch:
         self._history: deque[StepReport] = deque(maxlen=history)
         self._pending: dict[int, _Pending] = {}
         self._aggregator = StepAggregator(self.names, depth=layer_depth)
+        if log_rank is not None and not isinstance(log_rank, int):
+            raise ConfigTypeError(f"log_rank must be an int or None, got {log_rank!r}")
+        if log_rank is not None and is_distributed() and rank() != log_rank:
+            sinks = []  # statistics are still computed here; only log_rank reports them
         self._sinks = SinkGroup(sinks)
+        self._blame: RankBlame | None = None
+        if rank_blame:
+            if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+                raise ConfigError(
+                    "rank_blame=True needs the DistributedDataParallel-wrapped model, "
+                    f"got {type(model).__name__}"
+                )
+            self._blame = RankBlame(first.device)
+            self._blame.install(model)
+        self._micro = MicroBatchNorms(watched.params) if track_micro_batches else None
         self._step = 0
         self._micro_losses: list[Any] = []
         self._micro_batches = 0
@@ -263,6 +297,8 @@ class GradWatch:
             self._arrivals.clear()
         scope = BackwardScope()
         yield scope
+        if self._micro is not None:
+            self._micro.end()
         if loss is not None:
             self._micro_losses.append(_detached(loss))
         self._micro_batches += 1
@@ -313,6 +349,8 @@ class GradWatch:
         self._closed = True
         self.detach()
         self._arrivals.remove()
+        if self._micro is not None:
+            self._micro.remove()
         self._finalizer.detach()
         self._sinks.write(self._final)
         self._sinks.close()
@@ -377,6 +415,7 @@ class GradWatch:
         if ring.written - ring.read >= ring.capacity:
             self._drain(wait=True, upto=ring.read)
         number, slot = ring.claim()
+        blame = self._blame.take() if self._blame is not None else None
         with torch.no_grad():
             batch = self._collector.gather()
             if batch is None:
@@ -397,7 +436,7 @@ class GradWatch:
             elif self._writes_coef:
                 slot.coef.fill_(1.0)
             if action == "skipped" and not from_optimizer and batch is not None:
-                drop_gradients(batch.params)
+                drop_gradients(self._watched.params)
         ring.commit(number)
 
         report = StepReport._deferred(self._step, lambda: self._drain(wait=True, upto=number))
@@ -409,6 +448,8 @@ class GradWatch:
             has_scale,
             skip_reason,
             action or ("skipped" if skip_reason else None),
+            self._micro.take() if self._micro is not None else [],
+            blame,
         )
         self._step += 1
         self._micro_batches = 0
@@ -445,10 +486,20 @@ class GradWatch:
         return True
 
     def _decide(self, slot: Slot) -> tuple[str | None, str | None]:
-        """Skip/raise decisions that must be made now. The only place the host waits."""
+        """Skip/raise decisions that must be made now. The only place the host waits.
+
+        In a distributed run the decision is all-reduced, so every rank skips (or raises) together.
+        """
         needs_spike = self.on_spike in ("skip", "raise")
         if self.on_nonfinite == "warn" and not needs_spike:
             return None, None
+        reason, action = self._local_decision(slot, needs_spike)
+        if is_distributed() and any_rank(reason is not None, slot.row.device) and reason is None:
+            raising = "raise" in (self.on_nonfinite, self.on_spike)
+            reason, action = "decided on another rank", "raise" if raising else "skipped"
+        return reason, action
+
+    def _local_decision(self, slot: Slot, needs_spike: bool) -> tuple[str | None, str | None]:
         global_norm = float(slot.global_norm)  # sync: a policy must decide now
         if not math.isfinite(global_norm) and self.on_nonfinite != "warn":
             if self.on_nonfinite == "raise":
@@ -571,6 +622,8 @@ class GradWatch:
             spike_threshold=threshold,
             scale=float(row[SCALE]) if pending.has_scale else None,
             norm_type=self.norm_type,
+            micro_batch_norms=tuple(float(m) for m in pending.micro),
+            nonfinite_ranks=_flagged(pending.blame) if nonfinite else (),
         )
         self._history.append(report)
         self._aggregator.update(report)
@@ -675,6 +728,13 @@ class GradWatch:
             },
         }
         return RunStart(__version__, torch.__version__, params, config, time.time())
+
+
+def _flagged(flags: torch.Tensor | None) -> tuple[int, ...]:
+    """Indices of the set flags (ranks), read at emission."""
+    if flags is None:
+        return ()
+    return tuple(i for i, flag in enumerate(flags.tolist()) if flag)
 
 
 def _detached(loss: Any) -> Any:

@@ -403,13 +403,11 @@ class ClipUnitwise(Clipper):
                 "bound to them: call .bind(model.named_parameters()), or exclude the modules or "
                 "parameters themselves"
             )
-        local_groups = []
-        for (device, _), (params, grads) in batch.groups.items():
+        for group in batch.groups:
+            device = group.device
             whole_w, whole_g = [], []
-            local = []
-            for p, g in zip(params, grads):
+            for p, g in zip(group.params, group.grads):
                 g = _local(g)
-                local.append(g)
                 if id(p) in self._excluded:
                     continue
                 if g.ndim <= 1:
@@ -419,17 +417,7 @@ class ClipUnitwise(Clipper):
                     self._clip_rows_(_local(p), g)
             if whole_g:
                 self._clip_whole_(device, whole_w, whole_g)
-            local_groups.append((device, local))
-        after = torch.linalg.vector_norm(
-            torch.stack(
-                [
-                    n.to(out.device, out.dtype, non_blocking=True)
-                    for device, grads in local_groups
-                    for n in foreach_norms(device, grads, self.norm_type)
-                ]
-            ),
-            self.norm_type,
-        )
+        after = batch.total_norm(self.norm_type, out.device, out.dtype)
         changed = torch.isfinite(total_norm) & (after != total_norm)
         out.copy_(torch.where(changed, after / total_norm, 1.0))
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradwatch.collect.norms import GradBatch, foreach_norms, has_foreach
+from gradwatch.collect.norms import GradBatch, has_foreach
 from gradwatch.config import check_norm_type, check_positive
 
 __all__ = ["ClipNorm", "ClipValue", "Clipper"]
@@ -131,12 +131,7 @@ class ClipValue(Clipper):
             else:
                 for g in grads:
                     g.clamp_(min=-self.clip_value, max=self.clip_value)
-        norms = [
-            n.to(out.device, out.dtype, non_blocking=True)
-            for device, grads in batch.grouped()
-            for n in foreach_norms(device, grads, self.norm_type)
-        ]
-        after = torch.linalg.vector_norm(torch.stack(norms), self.norm_type)
+        after = batch.total_norm(self.norm_type, out.device, out.dtype)
         # after / before, and 1 where nothing changed (also covers a zero norm).
         torch.div(after, total_norm, out=out)
         out.masked_fill_(after == total_norm, 1.0)

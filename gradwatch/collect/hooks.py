@@ -11,7 +11,7 @@ from collections import deque
 
 import torch
 
-__all__ = ["ArrivalOrder"]
+__all__ = ["ArrivalOrder", "MicroBatchNorms"]
 
 
 class ArrivalOrder:
@@ -49,3 +49,40 @@ class ArrivalOrder:
             handle.remove()
         self._handles = []
         self._arrived.clear()
+
+
+class MicroBatchNorms:
+    """Norm of each micro-batch's gradient contribution, for gradient accumulation.
+
+    A tensor hook on each parameter sees the gradient flowing into it *before* it is added to
+    ``.grad``, i.e. exactly this backward pass's contribution. Each hook call computes that
+    tensor's norm on the device; :meth:`end` combines them into the micro-batch's global L2 norm.
+    Opt-in: it costs one Python call and one small kernel per parameter per backward.
+    """
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self._current: list[torch.Tensor] = []
+        self._done: list[torch.Tensor] = []
+        self._handles = [p.register_hook(self._record) for p in params]
+
+    def _record(self, grad: torch.Tensor) -> None:
+        local = grad.to_local() if hasattr(grad, "to_local") else grad
+        self._current.append(torch.linalg.vector_norm(local, dtype=torch.float32))
+
+    def end(self) -> None:
+        """Close the current micro-batch (call after its backward)."""
+        if self._current:
+            self._done.append(torch.linalg.vector_norm(torch.stack(self._current)))
+            self._current = []
+
+    def take(self) -> list[torch.Tensor]:
+        """The micro-batch norms since the last call (device tensors), oldest first."""
+        self.end()
+        done, self._done = self._done, []
+        return done
+
+    def remove(self) -> None:
+        """Remove the hooks (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

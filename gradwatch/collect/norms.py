@@ -5,6 +5,11 @@ assignment keep a gradient's device and dtype equal to its parameter's), and eac
 by one ``torch._foreach_norm`` call, the same kernels ``torch.nn.utils.clip_grad_norm_`` uses.
 Norms of half-precision gradients are accumulated in float32. Nothing here reads a value back to
 the host.
+
+Sharded gradients (FSDP2 DTensors) are grouped by mesh as well; their per-shard norms are partial
+norms that one ``full_tensor()`` per group turns into the norms of the full gradients (a single
+all-reduce for all the group's parameters). In-place operations (clipping) act on the local
+shards.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _device_has_foreach_support
 
-__all__ = ["GradBatch", "GradCollector", "foreach_norms", "has_foreach"]
+from gradwatch.collect.distributed import is_dtensor
+
+__all__ = ["GradBatch", "GradCollector", "GradGroup", "foreach_norms", "has_foreach"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -26,27 +33,6 @@ _HALF = (torch.float16, torch.bfloat16)
 def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of a gradient's norm: float32 for half types, else its own."""
     return torch.float32 if dtype in _HALF else dtype
-
-
-@dataclass
-class GradBatch:
-    """The gradients present at one step, with their parameters, grouped for foreach kernels.
-
-    Attributes:
-        params: Parameters that have a gradient, in the watcher's order.
-        grads: Their gradients, same order.
-        positions: Their positions in the watcher's parameter list (None when all are present).
-        groups: ``(device, dtype) -> (params, grads)`` of the same tensors, for foreach kernels.
-    """
-
-    params: list[Tensor]
-    grads: list[Tensor]
-    positions: list[int] | None
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]]
-
-    def grouped(self) -> list[tuple[torch.device, list[Tensor]]]:
-        """``(device, grads)`` per group, the unit foreach kernels operate on."""
-        return [(device, grads) for (device, _), (_, grads) in self.groups.items()]
 
 
 @functools.cache
@@ -65,12 +51,62 @@ def foreach_norms(device: torch.device, grads: list[Tensor], norm_type: float) -
     return [torch.linalg.vector_norm(g, norm_type, dtype=dtype) for g in grads]
 
 
+@dataclass
+class GradGroup:
+    """Gradients of one (device, dtype[, mesh]) group.
+
+    Attributes:
+        device: Device of the local tensors.
+        params: The parameters (DTensors when sharded: use ``to_local()`` for their shard).
+        grads: Local gradient tensors (the shard, for DTensors), for in-place operations.
+        sharded: The DTensor gradients when the group is sharded, else None.
+        positions: Watcher positions of the group's parameters.
+    """
+
+    device: torch.device
+    params: list[Tensor]
+    grads: list[Tensor]
+    sharded: list[Tensor] | None
+    positions: list[int]
+
+    def norms(self, norm_type: float) -> Tensor:
+        """1-D tensor: the norm of each full gradient of the group (one collective if sharded)."""
+        if self.sharded is None:
+            return torch.stack(foreach_norms(self.device, self.grads, norm_type))
+        partial = torch.stack(list(torch._foreach_norm(self.sharded, norm_type)))
+        return partial.full_tensor().to(_norm_dtype(partial.dtype))
+
+
+@dataclass
+class GradBatch:
+    """The gradients present at one step, grouped for foreach kernels.
+
+    Attributes:
+        params: Parameters that have a gradient, in the watcher's order.
+        positions: Their positions in the watcher's parameter list (None when all are present).
+        groups: The same gradients grouped by device and dtype (and mesh, when sharded).
+    """
+
+    params: list[Tensor]
+    positions: list[int] | None
+    groups: list[GradGroup]
+
+    def grouped(self) -> list[tuple[torch.device, list[Tensor]]]:
+        """``(device, local grads)`` per group, the unit in-place foreach kernels operate on."""
+        return [(g.device, g.grads) for g in self.groups]
+
+    def total_norm(self, norm_type: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """Norm of all (full) gradients as one vector, as a 0-d tensor on ``device``."""
+        norms = [g.norms(norm_type).to(device, dtype, non_blocking=True) for g in self.groups]
+        return torch.linalg.vector_norm(torch.cat(norms), norm_type)
+
+
 class GradCollector:
     """Reads the gradients of a fixed list of parameters and reduces them to norms.
 
     Args:
         params: The watched parameters, in the order norms are stored.
-        device: Where the statistics live (the first parameter's device).
+        device: Where the statistics live (the first parameter's local device).
         dtype: Dtype of the statistics buffer (float32, or float64 if any parameter is float64).
     """
 
@@ -78,76 +114,76 @@ class GradCollector:
         self.params = params
         self.device = device
         self.dtype = dtype
-        layout: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        layout: dict[tuple[object, ...], list[int]] = {}
         for i, p in enumerate(params):
-            layout.setdefault((p.device, p.dtype), []).append(i)
+            layout.setdefault(_group_key(p), []).append(i)
         self._layout = layout
-        # The all-present fast path: one group whose norms can be stacked straight into the row.
+        self.sharded = any(key[2] is not None for key in layout)
+        # Fast path: one plain group whose norms can be stacked straight into the row.
         key = next(iter(layout))
-        self._single_group = len(layout) == 1
-        self._direct = self._single_group and key[0] == device and _norm_dtype(key[1]) == dtype
-        self._all_order: Tensor | None = None
+        self._direct = (
+            len(layout) == 1
+            and key[2] is None
+            and key[0] == device
+            and _norm_dtype(key[1]) == dtype  # type: ignore[arg-type]
+        )
+        order = [i for idx in layout.values() for i in idx]
+        self._identity_order = order == list(range(len(params)))
+        self._all_order = torch.tensor(order, device=device)
 
     def gather(self) -> GradBatch | None:
         """The gradients present now, grouped; None if no parameter has a gradient."""
         params = self.params
         grads = [p.grad for p in params]
         if all(map(operator.is_not, grads, repeat(None))):
-            if self._single_group:
-                key = next(iter(self._layout))
-                groups = {key: (params, grads)}
-            else:
-                groups = {
-                    key: ([params[i] for i in idx], [grads[i] for i in idx])
-                    for key, idx in self._layout.items()
-                }
-            return GradBatch(params, grads, None, groups)
+            if self._direct:
+                group = GradGroup(self.device, params, grads, None, [])
+                return GradBatch(params, None, [group])
+            groups = [
+                self._group([params[i] for i in idx], [grads[i] for i in idx], idx)
+                for idx in self._layout.values()
+            ]
+            return GradBatch(params, None, groups)
         positions = [i for i, g in enumerate(grads) if g is not None]
         if not positions:
             return None
-        present_params = [params[i] for i in positions]
-        present_grads = [grads[i] for i in positions]
-        groups = {}
-        for p, g in zip(present_params, present_grads):
-            entry = groups.setdefault((g.device, g.dtype), ([], []))
-            entry[0].append(p)
-            entry[1].append(g)
-        return GradBatch(present_params, present_grads, positions, groups)
+        by_key: dict[tuple[object, ...], list[int]] = {}
+        for i in positions:
+            by_key.setdefault(_group_key(params[i]), []).append(i)
+        groups = [
+            self._group([params[i] for i in idx], [grads[i] for i in idx], idx)
+            for idx in by_key.values()
+        ]
+        return GradBatch([params[i] for i in positions], positions, groups)
+
+    @staticmethod
+    def _group(params: list[Tensor], grads: list[Tensor], positions: list[int]) -> GradGroup:
+        if is_dtensor(params[0]):
+            local_grads = [g.to_local() for g in grads]
+            return GradGroup(local_grads[0].device, params, local_grads, grads, positions)
+        return GradGroup(grads[0].device, params, grads, None, positions)
 
     def param_norms_(self, batch: GradBatch, out: Tensor) -> None:
-        """Write the L2 norm of every gradient into ``out`` (one slot per watched parameter).
+        """Write the L2 norm of every (full) gradient into ``out``, one slot per parameter.
 
         Parameters without a gradient get 0.
         """
         if self._direct and batch.positions is None:
-            ((device, grads),) = batch.grouped()
-            torch.stack(foreach_norms(device, grads, 2.0), out=out)
+            (group,) = batch.groups
+            torch.stack(foreach_norms(self.device, group.grads, 2.0), out=out)
             return
-        norms = [
-            n.to(self.device, self.dtype, non_blocking=True)
-            for device, grads in batch.grouped()
-            for n in foreach_norms(device, grads, 2.0)
-        ]
-        stacked = torch.stack(norms)
-        order = self._order(batch)
-        if batch.positions is None and order is None:
-            out.copy_(stacked)
+        norms = torch.cat(
+            [g.norms(2.0).to(self.device, self.dtype, non_blocking=True) for g in batch.groups]
+        )
+        if batch.positions is None and self._identity_order:
+            out.copy_(norms)
             return
-        out.zero_()
-        out.index_copy_(0, order, stacked)
-
-    def _order(self, batch: GradBatch) -> Tensor | None:
-        """Positions (in watcher order) of the norms as ``param_norms_`` stacks them."""
         if batch.positions is None:
-            if self._single_group:
-                return None
-            if self._all_order is None:
-                flat = [i for idx in self._layout.values() for i in idx]
-                self._all_order = torch.tensor(flat, device=self.device)
-            return self._all_order
-        index = {id(p): i for i, p in enumerate(self.params)}
-        flat = [index[id(p)] for params, _ in batch.groups.values() for p in params]
-        return torch.tensor(flat, device=self.device)
+            order = self._all_order
+        else:
+            order = torch.tensor([i for g in batch.groups for i in g.positions], device=self.device)
+        out.zero_()
+        out.index_copy_(0, order, norms)
 
     def global_norm_(
         self, batch: GradBatch, param_norms: Tensor, norm_type: float, out: Tensor
@@ -160,14 +196,18 @@ class GradCollector:
         if norm_type == 2.0:
             torch.linalg.vector_norm(param_norms, 2.0, out=out)
             return
-        norms = [
-            n.to(self.device, self.dtype, non_blocking=True)
-            for device, grads in batch.grouped()
-            for n in foreach_norms(device, grads, norm_type)
-        ]
-        out.copy_(torch.linalg.vector_norm(torch.stack(norms), norm_type))
+        out.copy_(batch.total_norm(norm_type, self.device, self.dtype))
 
     @staticmethod
     def statistics_dtype(params: list[Tensor]) -> torch.dtype:
         """float64 if any parameter is float64 (so its norm is exact), else float32."""
         return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
+def _group_key(param: Tensor) -> tuple[object, ...]:
+    """(device, dtype, mesh) of a parameter's gradient; mesh is None for plain tensors."""
+    if is_dtensor(param):
+        local = param.to_local()  # type: ignore[attr-defined]
+        mesh = param.device_mesh  # type: ignore[attr-defined]
+        return (local.device, param.dtype, (id(mesh), tuple(param.placements)))  # type: ignore[attr-defined]
+    return (param.device, param.dtype, None)
