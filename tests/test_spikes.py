@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import mlp
@@ -96,3 +97,15 @@ def test_loss_spike_detected_when_loss_given() -> None:
     assert flagged == [33]
     assert watch.history[33].loss == pytest.approx(watch.history[33].loss)
     assert all(r.loss is not None for r in watch.history)
+
+
+def test_culprits_are_named_only_when_they_stand_out() -> None:
+    from gradwatch.detect.spikes import ParamBaseline
+
+    baseline = ParamBaseline(5)
+    baseline.update(np.ones(5))
+    # Every parameter grew x100: a chain of equal layers. Naming three of them would be arbitrary.
+    assert baseline.culprits(np.full(5, 100.0)).size == 0
+    assert baseline.growth(np.full(5, 100.0)) == pytest.approx(100.0)
+    # One parameter grew x50 while the others doubled: it is named, alone.
+    assert baseline.culprits(np.array([2.0, 2.0, 50.0, 2.0, 2.0])).tolist() == [2]

@@ -118,15 +118,31 @@ class ParamBaseline:
         self.alpha = alpha
         self.ema = np.full(n_params, np.nan)
 
-    def culprits(self, norms: np.ndarray, k: int = 3) -> np.ndarray:
-        """Indices of the ``k`` parameters with the largest norm relative to their own EMA."""
+    def culprits(self, norms: np.ndarray, k: int = 3, stand_out: float = 1.5) -> np.ndarray:
+        """Indices of up to ``k`` parameters whose norm grew most relative to their own EMA.
+
+        Only parameters whose growth stands out (``stand_out`` times the median growth) are
+        named: when every parameter grew alike (a chain of equal layers), picking among ties
+        would point at arbitrary parameters, so none is named.
+        """
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = norms / self.ema
-        ratio = np.where(np.isfinite(ratio), ratio, -np.inf)
+        finite = np.isfinite(ratio)
+        if not finite.any():
+            return np.empty(0, dtype=np.intp)
+        bar = max(1.0, stand_out * float(np.median(ratio[finite])))
+        ratio = np.where(finite, ratio, -np.inf)
         k = min(k, len(ratio))
         top = np.argpartition(-ratio, k - 1)[:k]
-        top = top[np.argsort(-ratio[top])]
-        return top[ratio[top] > 1.0]
+        top = top[np.argsort(-ratio[top], kind="stable")]
+        return top[ratio[top] > bar]
+
+    def growth(self, norms: np.ndarray) -> float:
+        """Median growth of the parameters' norms relative to their EMA (NaN if unknown)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = norms / self.ema
+        finite = ratio[np.isfinite(ratio)]
+        return float(np.median(finite)) if finite.size else float("nan")
 
     def update(self, norms: np.ndarray) -> None:
         """Fold one step's norms in; non-finite entries leave their parameter's EMA unchanged."""
