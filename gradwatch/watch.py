@@ -15,7 +15,7 @@ import weakref
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from gradwatch.collect.distributed import (
     rank,
     unwrap_model,
 )
+from gradwatch.collect.forensics import ActivationProbe, StepProbe
 from gradwatch.collect.hooks import ArrivalOrder, MicroBatchNorms
 from gradwatch.collect.norms import GradCollector
 from gradwatch.collect.params import resolve_params
@@ -43,8 +44,10 @@ from gradwatch.config import (
     check_int,
     check_norm_type,
 )
+from gradwatch.detect.health import HealthDetector, NonFiniteOrigin
 from gradwatch.detect.nonfinite import nonfinite_in_backward_order
 from gradwatch.detect.spikes import ParamBaseline, SpikeDetector
+from gradwatch.diagnose import describe_origin, diagnose_health
 from gradwatch.errors import (
     ConfigError,
     ConfigTypeError,
@@ -52,7 +55,15 @@ from gradwatch.errors import (
     NonFiniteGradientError,
     StateError,
 )
-from gradwatch.records import Event, ParamInfo, ParamNorms, RunStart, RunSummary, StepReport
+from gradwatch.records import (
+    Event,
+    Finding,
+    ParamInfo,
+    ParamNorms,
+    RunStart,
+    RunSummary,
+    StepReport,
+)
 from gradwatch.report.base import Sink, SinkGroup, StepAggregator
 
 __all__ = ["BackwardScope", "GradWatch"]
@@ -74,6 +85,7 @@ class _Pending:
     action: str | None
     micro: list[torch.Tensor]
     blame: torch.Tensor | None
+    probe: Any = None  # collect.forensics.Probe: learning rates, weight and activation samples
 
 
 class BackwardScope:
@@ -114,6 +126,14 @@ class GradWatch:
         track_micro_batches: Record the gradient norm of each micro-batch's contribution (each
             :meth:`backward` scope) to find a bad micro-batch under gradient accumulation; costs
             a Python hook call per parameter per backward.
+        forensics: Hook the modules that own the watched parameters (``model`` must be an
+            ``nn.Module``) to record each one's largest activation in forward order and largest
+            backpropagated signal (gradient of its output) in backward order, on the device:
+            names the first module whose output went NaN/Inf, and shows the signal's growth
+            through depth in :meth:`diagnose`. No host sync per step; two small reductions and
+            two Python hook calls per module call.
+        health_detector: Keeps per-layer gradient health for :meth:`diagnose` (default
+            ``HealthDetector()``; pass one to set ``dead_after``).
 
     Raises:
         TypeError, ValueError: An argument is invalid (the message names it).
@@ -136,6 +156,8 @@ class GradWatch:
         log_rank: int | None = 0,
         rank_blame: bool = False,
         track_micro_batches: bool = False,
+        forensics: bool = False,
+        health_detector: HealthDetector | None = None,
     ) -> None:
         if clip is not None and not isinstance(clip, Clipper):
             raise ConfigTypeError(
@@ -158,6 +180,13 @@ class GradWatch:
                 raise ConfigTypeError(
                     f"{name} must be a SpikeDetector or None, got {type(det).__name__}"
                 )
+        if health_detector is not None and not isinstance(health_detector, HealthDetector):
+            raise ConfigTypeError(
+                f"health_detector must be a HealthDetector or None, "
+                f"got {type(health_detector).__name__}"
+            )
+        if not isinstance(forensics, bool):
+            raise ConfigTypeError(f"forensics must be True or False, got {forensics!r}")
         self.accumulation_steps = check_int("accumulation_steps", accumulation_steps)
         history = check_int("history", history)
         if layer_depth is not None:
@@ -212,6 +241,13 @@ class GradWatch:
             self._blame = RankBlame(first.device)
             self._blame.install(model)
         self._micro = MicroBatchNorms(watched.params) if track_micro_batches else None
+        activations = None
+        if forensics:
+            activations = ActivationProbe(unwrap_model(model), watched, first.device, dtype)
+        self._probe = StepProbe(watched, first.device, dtype, activations)
+        self._probe_finalizer = weakref.finalize(self, StepProbe.remove, self._probe)
+        self.health_detector = health_detector or HealthDetector()
+        self.health_detector.bind(watched, self._probe, self._arrivals.positions)
         self._step = 0
         self._micro_losses: list[Any] = []
         self._micro_batches = 0
@@ -337,18 +373,37 @@ class GradWatch:
         self.flush()
         return self._aggregator.summary()
 
+    def diagnose(self) -> list[Finding]:
+        """What went wrong so far, with evidence and remedies (drains pending steps first).
+
+        Findings come most causal first: ``"exploding"`` / ``"vanishing"`` gradients through
+        depth, where NaN/Inf started (``"nonfinite"``), gradient-norm and loss spikes, and
+        ``"dead"`` parameters. Suggested settings (``finding.suggested["max_norm"]``) are computed
+        from this run's own norms. The same findings end the final summary of :meth:`close`.
+
+        Returns:
+            The findings; an empty list when nothing looks wrong.
+        """
+        if self._closed:
+            return list(self._final.findings)
+        self.flush()
+        return diagnose_health(self.health_detector.report())
+
     def close(self) -> RunSummary:
         """Remove every hook, restore the optimizer, emit the final summary, close the sinks.
 
-        Idempotent: later calls return the same summary and do nothing else.
+        The summary carries the run's findings (:meth:`diagnose`). Idempotent: later calls return
+        the same summary and do nothing else.
         """
         if self._closed:
             return self._final
-        self.flush()
-        self._final = self._aggregator.summary()
+        findings = tuple(self.diagnose())
+        self._final = replace(self._aggregator.summary(), findings=findings)
         self._closed = True
         self.detach()
         self._arrivals.remove()
+        self._probe.remove()
+        self._probe_finalizer.detach()
         if self._micro is not None:
             self._micro.remove()
         self._finalizer.detach()
@@ -450,6 +505,7 @@ class GradWatch:
             action or ("skipped" if skip_reason else None),
             self._micro.take() if self._micro is not None else [],
             blame,
+            self._probe.capture(self._guard),
         )
         self._step += 1
         self._micro_batches = 0
@@ -628,33 +684,46 @@ class GradWatch:
         self._history.append(report)
         self._aggregator.update(report)
         self._sinks.write(report)
+        origin = self.health_detector.update(
+            report, norms, positions, pending.arrivals, pending.probe
+        )
         if nonfinite or spike or loss_spike or pending.skip_reason:
-            for event in self._events(report, pending.action):
+            for event in self._events(report, pending.action, origin):
                 self._sinks.write(event)
 
-    def _events(self, report: StepReport, action: str | None) -> list[Event]:
+    def _events(
+        self, report: StepReport, action: str | None, origin: NonFiniteOrigin | None = None
+    ) -> list[Event]:
         events = []
         taken = {"skipped": "step skipped", "raise": "raised"}.get(action or "", "")
         if report.nonfinite:
             first = report.nonfinite[0]
             owner = self._watched.owner_types[self._watched.position[id(self._param(first))]]
             kind = "NaN" if math.isnan(report.param_norms.get(first, math.nan)) else "Inf"
-            more = f" (+{len(report.nonfinite) - 1} more)" if len(report.nonfinite) > 1 else ""
-            message = (
-                f"step {report.step}: {kind} in gradient of {first}"
-                f"{f' ({owner})' if owner else ''}{more}, first in backward order"
-                f"{'; loss ' + _fmt(report.loss) if report.loss is not None else ''}"
-                f"; {taken or ('reported only' if self.on_nonfinite == 'warn' else 'skipped')}"
-            )
-            events.append(
-                Event(
-                    report.step,
-                    "nonfinite",
-                    message,
-                    report.nonfinite,
-                    {"first": first, "value": kind, "global_norm": report.global_norm},
+            done = taken or ("reported only" if self.on_nonfinite == "warn" else "skipped")
+            data: dict[str, float | str | None] = {
+                "first": first,
+                "value": kind,
+                "global_norm": report.global_norm,
+            }
+            if origin is not None:
+                message = f"step {report.step}: {describe_origin(origin, step=False)}; {done}"
+                data.update(
+                    module=origin.module,
+                    module_type=origin.module_type,
+                    shape=str(origin.shape),
+                    stage=origin.stage,
+                    first_activation=origin.first_activation,
+                    first_signal=origin.first_signal,
                 )
-            )
+            else:
+                more = f" (+{len(report.nonfinite) - 1} more)" if len(report.nonfinite) > 1 else ""
+                message = (
+                    f"step {report.step}: {kind} in gradient of {first}"
+                    f"{f' ({owner})' if owner else ''}{more}, first in backward order"
+                    f"{'; loss ' + _fmt(report.loss) if report.loss is not None else ''}; {done}"
+                )
+            events.append(Event(report.step, "nonfinite", message, report.nonfinite, data))
         if report.spike:
             threshold = report.spike_threshold or math.nan
             drivers = ", ".join(report.spike_params) or "no single parameter"

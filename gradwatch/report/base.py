@@ -9,9 +9,12 @@ counts cover every step, not only the last one.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -46,7 +49,10 @@ class SinkGroup:
     """Fans records out to sinks; a sink that raises is disabled with one warning, never fatal.
 
     A diagnostics tool must not kill the run it is diagnosing: if a sink fails (disk full, broken
-    pipe, a tracker's network error), the others go on and training continues.
+    pipe, a tracker's network error), the others go on and training continues. ``SystemExit``
+    from a sink counts as a failure too (rich's console raises it on a broken pipe). A
+    ``KeyboardInterrupt`` is the user's: the record still reaches the other sinks, then it
+    propagates. A disabled sink is closed at once (errors ignored) to release its file.
     """
 
     def __init__(self, sinks: Iterable[Sink]) -> None:
@@ -54,31 +60,51 @@ class SinkGroup:
         self.disabled: list[tuple[Sink, BaseException]] = []
 
     def write(self, record: Record) -> None:
-        for sink in tuple(self.sinks):
-            try:
-                sink.write(record)
-            except Exception as err:
-                self._disable(sink, err)
+        self._each(lambda sink: sink.write(record), close_failed=True)
 
     def close(self) -> None:
+        self._each(lambda sink: getattr(sink, "close", _nothing)(), close_failed=False)
+
+    def _each(self, call: Callable[[Sink], object], *, close_failed: bool) -> None:
+        interrupt: KeyboardInterrupt | None = None
         for sink in tuple(self.sinks):
-            close = getattr(sink, "close", None)
-            if close is None:
-                continue
             try:
-                close()
-            except Exception as err:
+                call(sink)
+            except (Exception, SystemExit) as err:
                 self._disable(sink, err)
+                if close_failed:
+                    with contextlib.suppress(Exception, SystemExit):
+                        getattr(sink, "close", _nothing)()
+            except KeyboardInterrupt as err:
+                interrupt = interrupt or err
+        if interrupt is not None:
+            raise interrupt
 
     def _disable(self, sink: Sink, err: BaseException) -> None:
         self.sinks.remove(sink)
         self.disabled.append((sink, err))
+        cause = f"{type(err).__name__}: {err}"
+        if isinstance(err, SystemExit) and err.__context__ is not None:  # e.g. rich on EPIPE
+            cause += f" after {type(err.__context__).__name__}: {err.__context__}"
         warnings.warn(
             f"gradwatch: sink {type(sink).__name__} failed and was disabled "
-            f"({type(err).__name__}: {err}); training and the other sinks continue",
+            f"({cause}); training and the other sinks continue",
             GradWatchWarning,
-            stacklevel=4,
+            stacklevel=_outside_gradwatch(),
         )
+
+
+def _outside_gradwatch() -> int:
+    """``stacklevel`` of the nearest caller outside gradwatch, for the caller of ``_disable``."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    frame, level = sys._getframe(1), 1  # level 1 is _disable itself
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _nothing() -> None:
+    """Stands in for the ``close`` of a sink that has none."""
 
 
 def layer_of(name: str, depth: int | None = None) -> str:

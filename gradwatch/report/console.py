@@ -1,9 +1,16 @@
 """Console sink: one-line alerts, a compact periodic summary, and a final table, through rich.
 
 Output is at most one alert line per event and one summary line every ``every`` steps, so a long
-run's log stays readable. When stdout is not a terminal (CI logs, files) rich drops colour and
-markup. When a ``tqdm`` bar is active, lines go through ``tqdm.write`` so the bar is not garbled;
-to share a rich ``Progress`` display, pass its console (``ConsoleSink(console=progress.console)``).
+run's log stays readable. It shares the terminal with progress bars:
+
+* By default it prints to rich's global console, the one ``rich.progress`` uses by default, so
+  lines appear above a running ``Progress`` bar. For a ``Progress`` with its own console, pass
+  ``ConsoleSink(console=progress.console)``.
+* When a ``tqdm`` bar is active, lines go through ``tqdm.write``, which clears the bar, prints
+  the line and redraws the bar, instead of writing into the middle of it.
+
+When the output is not a terminal (CI logs, files) rich drops colour and cursor codes, and where
+the output encoding cannot show ``⚠`` or box-drawing characters, plain ASCII is used instead.
 """
 
 from __future__ import annotations
@@ -13,15 +20,17 @@ import sys
 from typing import Any
 
 import numpy as np
-from rich.console import Console
+import rich
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
 from gradwatch.config import check_int
+from gradwatch.errors import ConfigTypeError
 from gradwatch.records import Event, Record, RunStart, RunSummary, StepReport
 from gradwatch.report.base import Sink, StepAggregator
 
-__all__ = ["ConsoleSink"]
+__all__ = ["ConsoleSink", "fmt", "summary_notes", "summary_table", "window_line"]
 
 _STYLE = {
     "nonfinite": "bold red",
@@ -42,6 +51,86 @@ def fmt(value: float | None) -> str:
     return f"{value:.4g}"
 
 
+def window_line(s: RunSummary, *, top_k: int = 3) -> Text:
+    """One line summarising a window of steps: norms, clip rate, counts, the largest layers.
+
+    Args:
+        s: The window's statistics (``StepAggregator.summary()``).
+        top_k: How many layers to name, largest maximum norm first.
+    """
+    text = Text()
+    text.append(f"gradwatch steps {s.first_step}-{s.last_step}", style="bold cyan")
+    text.append(f" | norm {fmt(s.global_last)} (mean {fmt(s.global_mean)}, ")
+    text.append(f"max {fmt(s.global_max)})")
+    text.append(f" | clipped {s.clip_rate:.0%}")
+    text.append(f" | spikes {s.spikes}", style="yellow" if s.spikes else None)
+    text.append(f" | nan steps {s.nonfinite_steps}", style="red" if s.nonfinite_steps else None)
+    text.append(f" | skipped {s.skipped_steps}", style="magenta" if s.skipped_steps else None)
+    if top_k and s.layers:
+        maxima = np.array([layer.max for layer in s.layers])
+        order = np.argsort(-np.nan_to_num(maxima, nan=-np.inf), kind="stable")[:top_k]
+        top = ", ".join(f"{s.layers[i].name} {fmt(s.layers[i].max)}" for i in order)
+        text.append(f" | top: {top}")
+    return text
+
+
+def summary_table(s: RunSummary, *, max_rows: int = 40) -> Table:
+    """The final table: one row per layer (the worst ``max_rows`` if more).
+
+    Totals, NaN origins and findings go below it (:func:`summary_notes`), at the console's full
+    width rather than folded into a caption as narrow as the table.
+
+    Args:
+        s: The run's summary.
+        max_rows: Layers shown; beyond that, the layers with the most NaN steps and the largest
+            norms are kept, in model order, and the rest folded into one line.
+    """
+    table = Table(title=f"gradwatch summary: {s.steps} steps", show_lines=False)
+    for column in ("layer", "min", "mean", "max", "last", "nan steps", "spike culprit"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    layers = list(s.layers)
+    shown = layers
+    if len(layers) > max_rows:
+        worst = sorted(
+            range(len(layers)),
+            key=lambda i: (-layers[i].nonfinite_steps, -np.nan_to_num(layers[i].max, nan=-1)),
+        )[:max_rows]
+        shown = [layers[i] for i in sorted(worst)]
+    for layer in shown:
+        table.add_row(
+            layer.name,
+            fmt(layer.min),
+            fmt(layer.mean),
+            fmt(layer.max),
+            fmt(layer.last),
+            str(layer.nonfinite_steps),
+            str(layer.spike_culprit),
+            style="red" if layer.nonfinite_steps else None,
+        )
+    if len(shown) < len(layers):
+        table.add_row(f"... {len(layers) - len(shown)} more layers", *[""] * 6)
+    return table
+
+
+def summary_notes(s: RunSummary) -> str:
+    """Run totals, where NaN/Inf started, and findings, as lines of plain text."""
+    lines = [
+        f"global norm: min {fmt(s.global_min)}  mean {fmt(s.global_mean)}  "
+        f"max {fmt(s.global_max)}  last {fmt(s.global_last)}",
+        f"clipped {s.clipped_steps} steps ({s.clip_rate:.1%})  spikes {s.spikes}  "
+        f"loss spikes {s.loss_spikes}  nan/inf steps {s.nonfinite_steps}  "
+        f"skipped {s.skipped_steps}",
+    ]
+    if s.nonfinite_origins:
+        shown = ", ".join(f"step {st}: {name}" for st, name in s.nonfinite_origins[:5])
+        extra = len(s.nonfinite_origins) - 5
+        lines.append(f"NaN/Inf started in: {shown}{f' (+{extra} more)' if extra > 0 else ''}")
+    for finding in s.findings:
+        lines.append(f"[{finding.kind}] {finding.evidence}")
+        lines.extend(f"    -> {remedy}" for remedy in finding.remedies)
+    return "\n".join(lines)
+
+
 class ConsoleSink(Sink):
     """Prints alerts as they happen, a summary line every ``every`` steps, a table at the end.
 
@@ -49,9 +138,15 @@ class ConsoleSink(Sink):
         every: Steps per periodic summary line (0 disables the periodic line).
         top_k: Layers named in the periodic line (largest max norm in the window).
         max_rows: Layers shown in the final table; the rest are folded into one line.
-        console: A ``rich.console.Console`` to print to (default: one on stdout). Pass
-            ``progress.console`` to share a rich progress display.
+        console: A ``rich.console.Console`` to print to. Default: rich's global console (stdout),
+            which a default ``rich.progress.Progress`` also uses. Pass ``progress.console`` to
+            share a progress display that has its own console.
         alerts: Print one line per NaN/spike/skip event as it happens.
+        layer_depth: Group parameters into layers by their first ``layer_depth`` name parts in
+            the periodic line (None: the watcher's ``layer_depth``, else by owning module).
+
+    Raises:
+        TypeError, ValueError: An argument is invalid (the message names it).
     """
 
     def __init__(
@@ -62,12 +157,20 @@ class ConsoleSink(Sink):
         max_rows: int = 40,
         console: Console | None = None,
         alerts: bool = True,
+        layer_depth: int | None = None,
     ) -> None:
         self.every = check_int("every", every, minimum=0)
         self.top_k = check_int("top_k", top_k, minimum=0)
         self.max_rows = check_int("max_rows", max_rows)
-        self.console = console if console is not None else Console(file=sys.stdout)
+        if layer_depth is not None:
+            check_int("layer_depth", layer_depth)
+        if console is not None and not isinstance(console, Console):
+            raise ConfigTypeError(
+                f"console must be a rich.console.Console or None, got {type(console).__name__}"
+            )
+        self.console = console if console is not None else rich.get_console()
         self.alerts = alerts
+        self.layer_depth = layer_depth
         self._window: StepAggregator | None = None
 
     # ------------------------------------------------------------------------------ records
@@ -77,15 +180,22 @@ class ConsoleSink(Sink):
             self._step(record)
         elif isinstance(record, Event):
             if self.alerts:
-                self._print(Text(f"gradwatch ⚠ {record.message}", style=_STYLE.get(record.kind)))
+                mark = "⚠" if self._unicode else "!"
+                self._print(
+                    Text(f"gradwatch {mark} {record.message}", style=_STYLE.get(record.kind))
+                )
         elif isinstance(record, RunStart):
-            self._window = StepAggregator([p.name for p in record.params])
+            depth = self.layer_depth
+            if depth is None:
+                depth = record.config.get("layer_depth")
+            self._window = StepAggregator([p.name for p in record.params], depth=depth)
         elif isinstance(record, RunSummary):
             self._print(self.render_summary(record))
 
     def _step(self, report: StepReport) -> None:
         if self._window is None:
-            self._window = StepAggregator(list(report.param_norms.names))
+            names = list(report.param_norms.names)
+            self._window = StepAggregator(names, depth=self.layer_depth)
         self._window.update(report)
         if self.every and self._window.steps >= self.every:
             self._print(self.render_window(self._window))
@@ -95,77 +205,17 @@ class ConsoleSink(Sink):
 
     def render_window(self, window: StepAggregator) -> Text:
         """One line summarising a window of steps."""
-        s = window.summary()
-        text = Text()
-        text.append(f"gradwatch steps {s.first_step}-{s.last_step}", style="bold cyan")
-        text.append(f" | norm {fmt(s.global_last)} (mean {fmt(s.global_mean)}, ")
-        text.append(f"max {fmt(s.global_max)})")
-        text.append(f" | clipped {s.clip_rate:.0%}")
-        text.append(f" | spikes {s.spikes}", style="yellow" if s.spikes else None)
-        text.append(f" | nan steps {s.nonfinite_steps}", style="red" if s.nonfinite_steps else None)
-        text.append(f" | skipped {s.skipped_steps}", style="magenta" if s.skipped_steps else None)
-        if self.top_k and s.layers:
-            maxima = np.array([layer.max for layer in s.layers])
-            order = np.argsort(-np.nan_to_num(maxima, nan=-np.inf))[: self.top_k]
-            top = ", ".join(f"{s.layers[i].name} {fmt(s.layers[i].max)}" for i in order)
-            text.append(f" | top: {top}")
-        return text
+        return window_line(window.summary(), top_k=self.top_k)
 
-    def render_summary(self, s: RunSummary) -> Table:
-        """The final table: one row per layer, totals in the caption."""
-        table = Table(
-            title=f"gradwatch summary: {s.steps} steps",
-            caption=self._caption(s),
-            caption_justify="left",
-            show_lines=False,
-        )
-        for column in ("layer", "min", "mean", "max", "last", "nan steps", "spike culprit"):
-            table.add_column(column, justify="left" if column == "layer" else "right")
-        layers = list(s.layers)
-        shown = layers
-        if len(layers) > self.max_rows:
-            worst = sorted(
-                range(len(layers)),
-                key=lambda i: (-layers[i].nonfinite_steps, -np.nan_to_num(layers[i].max, nan=-1)),
-            )[: self.max_rows]
-            shown = [layers[i] for i in sorted(worst)]
-        for layer in shown:
-            style = "red" if layer.nonfinite_steps else None
-            table.add_row(
-                layer.name,
-                fmt(layer.min),
-                fmt(layer.mean),
-                fmt(layer.max),
-                fmt(layer.last),
-                str(layer.nonfinite_steps),
-                str(layer.spike_culprit),
-                style=style,
-            )
-        if len(shown) < len(layers):
-            table.add_row(f"... {len(layers) - len(shown)} more layers", *[""] * 6)
-        return table
-
-    @staticmethod
-    def _caption(s: RunSummary) -> str:
-        lines = [
-            f"global norm: min {fmt(s.global_min)}  mean {fmt(s.global_mean)}  "
-            f"max {fmt(s.global_max)}  last {fmt(s.global_last)}",
-            f"clipped {s.clipped_steps} steps ({s.clip_rate:.1%})  spikes {s.spikes}  "
-            f"loss spikes {s.loss_spikes}  nan/inf steps {s.nonfinite_steps}  "
-            f"skipped {s.skipped_steps}",
-        ]
-        if s.nonfinite_origins:
-            shown = ", ".join(f"step {st}: {name}" for st, name in s.nonfinite_origins[:5])
-            more = (
-                f" (+{len(s.nonfinite_origins) - 5} more)" if len(s.nonfinite_origins) > 5 else ""
-            )
-            lines.append(f"NaN/Inf started in: {shown}{more}")
-        for finding in s.findings:
-            lines.append(f"[{finding.kind}] {finding.evidence}")
-            lines.extend(f"    -> {remedy}" for remedy in finding.remedies)
-        return "\n".join(lines)
+    def render_summary(self, s: RunSummary) -> Group:
+        """The final table (one row per layer), then totals, NaN origins and findings."""
+        return Group(summary_table(s, max_rows=self.max_rows), Text(summary_notes(s)))
 
     # ------------------------------------------------------------------------------- output
+
+    @property
+    def _unicode(self) -> bool:
+        return self.console.encoding.lower().replace("-", "").startswith("utf")
 
     def _print(self, renderable: Any) -> None:
         tqdm_write = _active_tqdm_write()
@@ -175,7 +225,7 @@ class ConsoleSink(Sink):
             return
         with self.console.capture() as capture:
             self.console.print(renderable, soft_wrap=soft)
-        tqdm_write(capture.get().rstrip("\n"))
+        tqdm_write(capture.get().rstrip("\n"), file=self.console.file)
 
 
 def _active_tqdm_write() -> Any:

@@ -1,0 +1,265 @@
+"""Hugging Face transformers: :class:`GradWatchCallback`, gradwatch as a ``TrainerCallback``.
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[GradWatchCallback()])
+
+Where it runs. For each optimizer step the ``Trainer`` (transformers 5.x, ``Trainer._run_epoch``
+in ``trainer.py``) runs the backward of every micro-batch, then ``_clip_grad_norm`` (the
+``max_grad_norm`` clipping, through ``accelerator.clip_grad_norm_``, which unscales fp16
+gradients first) and ``_get_grad_norm``, then the ``on_pre_optimizer_step`` callbacks,
+``optimizer.step()``, ``on_optimizer_step`` and ``on_step_end``. No callback runs between the last
+backward and the clipping, and the clipping multiplies every gradient by NaN as soon as one is
+non-finite (``max_norm / nan``), which would erase where a NaN came from. So the callback checks at
+the end of the backward of the last micro-batch of each optimizer step (an autograd end-of-backward
+callback, after DDP's all-reduce; see :class:`~gradwatch.integrations.AfterBackward`): the
+gradients are accumulated, synchronised, and not yet clipped. When ``max_grad_norm > 0`` the norm
+after the Trainer's clipping is measured in ``on_pre_optimizer_step``. Or gradwatch clips instead:
+``clip=gradwatch.ClipNorm(...)`` with ``max_grad_norm=0``.
+
+Under fp16 with a ``GradScaler`` the gradients are still scaled at the end of backward and the
+Trainer unscales them inside its clipping; the check then runs in ``on_pre_optimizer_step`` on the
+unscaled gradients, after the Trainer's clipping (a warning says so once).
+
+Metrics are added to the Trainer's logs every ``logging_steps`` (``trainer.state.log_history`` and
+the progress bar; see :class:`~gradwatch.integrations.WindowStats` for the keys), aggregated over
+the steps since the last log, including steps whose NaN the Trainer's loss logging hides
+(``logging_nan_inf_filter``). The Trainer calls its ``report_to`` integrations before the
+callbacks passed to it, so those do not receive the keys. The summary table is printed when
+training ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections import deque
+from typing import Any
+
+import torch
+
+from gradwatch._optional import require
+from gradwatch.act.clip import Clipper
+from gradwatch.config import NonFinitePolicy, SpikePolicy, check_int
+from gradwatch.errors import ConfigError, GradWatchWarning
+from gradwatch.integrations import AfterBackward, WindowStats, post_clip_norm
+from gradwatch.records import RunSummary, StepReport
+from gradwatch.report.base import Sink
+from gradwatch.report.console import ConsoleSink
+from gradwatch.watch import GradWatch
+
+__all__ = ["GradWatchCallback"]
+
+_transformers = require("transformers", extra="transformers")
+_GradientState = require("accelerate.state", extra="transformers").GradientState
+
+_UNCLOSED_WINDOW = 50
+"""Steps per window when the Trainer never logs: bounds memory."""
+
+
+class GradWatchCallback(_transformers.TrainerCallback):
+    """Watches the gradients of a Hugging Face ``Trainer`` run: one check per optimizer step.
+
+    The check sees the accumulated, synchronised gradients before the Trainer clips them; the
+    norm after the Trainer's ``max_grad_norm`` clipping is measured too. Every ``logging_steps``
+    the window's statistics (max, mean, counts over every step since the last log) are added to
+    the Trainer's logs; alerts are printed as they happen and the summary table at the end.
+
+    Args:
+        clip: Let gradwatch clip (``gradwatch.ClipNorm(1.0)``, an adaptive clipper, ...) instead of
+            the Trainer; then ``TrainingArguments.max_grad_norm`` must be 0.
+        on_nonfinite: On NaN/Inf gradients: ``"warn"``, ``"skip"`` or ``"raise"``. ``"skip"``
+            drops the step's gradients before the Trainer clips and steps, so neither the weights
+            nor the optimizer state change, and the LR scheduler is not advanced (as for a step
+            the GradScaler skips).
+        on_spike: On a gradient-norm spike: ``"warn"``, ``"clip"``, ``"skip"`` or ``"raise"``.
+        sinks: gradwatch sinks (main process only). None: alerts and the final table on the
+            console.
+        top_k: Layers logged by name (``grad_norm/<layer>``), the largest norms of the window.
+        **watch_options: Further :class:`~gradwatch.GradWatch` options (``layer_depth``,
+            ``spike_detector``, ``forensics``, ``history``, ...).
+
+    Attributes:
+        watch: The :class:`~gradwatch.GradWatch` of the current run (None before training).
+        history: Reports of the logged steps (bounded), with the Trainer's clipping filled in:
+            ``clipped_norm`` and ``clip_coef`` as measured after ``max_grad_norm`` clipping.
+        summary: The run summary, set when training ends, counting the steps the Trainer clipped.
+
+    Raises:
+        ConfigError: When training begins, ``clip`` is given and ``max_grad_norm > 0`` too.
+    """
+
+    def __init__(
+        self,
+        *,
+        clip: Clipper | None = None,
+        on_nonfinite: NonFinitePolicy = "warn",
+        on_spike: SpikePolicy = "warn",
+        sinks: list[Sink] | None = None,
+        top_k: int = 3,
+        **watch_options: Any,
+    ) -> None:
+        self.clip = clip
+        self.on_nonfinite = on_nonfinite
+        self.on_spike = on_spike
+        self.sinks = sinks
+        self.top_k = check_int("top_k", top_k, minimum=0)
+        self.watch_options = watch_options
+        self.watch: GradWatch | None = None
+        self.history: deque[StepReport] = deque(maxlen=watch_options.get("history", 256))
+        self.summary: RunSummary | None = None
+        self._window: WindowStats | None = None
+        self._params: list[torch.Tensor] = []
+        self._after_backward: AfterBackward | None = None
+        self._trainer_clips = False
+        self._skips = False
+        self._check_before_step = False  # fp16: check in on_pre_optimizer_step instead
+        self._report: StepReport | None = None
+        self._post: torch.Tensor | None = None
+        self._scheduler_hold: Any = None  # optimizer whose skip flag we set
+        self._gradient_state: Any = None
+        self._clipped = 0
+
+    # ----------------------------------------------------------------------------- set up
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._close()
+        max_norm = args.max_grad_norm or 0.0
+        if self.clip is not None and max_norm > 0:
+            raise ConfigError(
+                f"GradWatchCallback(clip={self.clip!r}) and TrainingArguments(max_grad_norm="
+                f"{max_norm!r}) would both clip the gradients; keep one: set max_grad_norm=0 to "
+                "let gradwatch clip, or pass clip=None to let the Trainer clip (gradwatch then "
+                "reports the norm before and after the Trainer's clipping)"
+            )
+        model = kwargs["model"]
+        sinks = self.sinks
+        if sinks is None:
+            sinks = [_TrainerConsole(self)] if state.is_world_process_zero else []
+        self.watch = GradWatch(
+            model,
+            clip=self.clip,
+            on_nonfinite=self.on_nonfinite,
+            on_spike=self.on_spike,
+            sinks=sinks,
+            **self.watch_options,
+        )
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._trainer_clips = max_norm > 0
+        self._skips = "skip" in (self.on_nonfinite, self.on_spike)  # else no need to read a report
+        self._window = WindowStats(
+            self.watch.names,
+            top_k=self.top_k,
+            layer_depth=self.watch_options.get("layer_depth"),
+            clips=self.clip is not None or self._trainer_clips,
+        )
+        scaler = getattr(kwargs.get("optimizer"), "scaler", None)
+        self._check_before_step = scaler is not None and scaler.is_enabled()
+        if self._check_before_step:
+            warnings.warn(
+                "gradwatch: under fp16 the Trainer unscales gradients inside its clipping, so "
+                "they are checked after it, in on_pre_optimizer_step: reported norms are after "
+                "max_grad_norm clipping",
+                GradWatchWarning,
+                stacklevel=2,
+            )
+        else:
+            self._after_backward = AfterBackward(self._params, self._on_backward_end)
+        self._gradient_state = _GradientState()  # accelerate's: is this the last micro-batch?
+        self._clipped = 0
+        self.summary = None
+
+    # ----------------------------------------------------------------------- each step
+
+    def _on_backward_end(self) -> None:
+        """End of a backward pass: check if it completes the accumulation of an optimizer step."""
+        if self.watch is None or self.watch.closed or not self._gradient_state.sync_gradients:
+            return
+        if self._report is None:  # once per step (a second backward, e.g. a penalty, is ignored)
+            self._report = self.watch.check()
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.watch is None:
+            return
+        if self._check_before_step or self._report is None:
+            self._report = self.watch.check()
+        elif self._trainer_clips and not (self._skips and self._report.skipped):
+            self._post = post_clip_norm(self._params, self.watch.norm_type)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        optimizer = kwargs.get("optimizer")
+        report = self._report
+        skipped = self._skips and report is not None and report.skipped  # read only if it can be
+        if skipped and hasattr(optimizer, "_is_overflow"):
+            # Tell the Trainer the step was skipped, as accelerate does for a GradScaler skip, so
+            # that it does not advance the LR scheduler (reset in on_step_end).
+            optimizer._is_overflow = True
+            self._scheduler_hold = optimizer
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._scheduler_hold is not None:
+            self._scheduler_hold._is_overflow = False
+            self._scheduler_hold = None
+        report, self._report = self._report, None
+        post, self._post = self._post, None
+        if report is None or self._window is None:
+            return
+        optimizer = kwargs.get("optimizer")
+        scaler_skipped = bool(getattr(optimizer, "step_was_skipped", False)) and not report.skipped
+        self._window.add(report, post, skipped=scaler_skipped)
+        if len(self._window) >= _UNCLOSED_WINDOW and not _logs_steps(args):
+            self._close_window()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if logs is None or self._window is None or not len(self._window):
+            return
+        if "loss" not in logs and "train_loss" not in logs:
+            return  # an evaluation's log
+        metrics = self._close_window()
+        logs.update(metrics)
+        history = state.log_history
+        if history and history[-1].get("step") == state.global_step:
+            history[-1].update(metrics)  # the Trainer stored a copy of logs just before
+
+    def _close_window(self) -> dict[str, float]:
+        if self._window is None:
+            return {}
+        metrics, reports = self._window.close()
+        self.history.extend(reports)
+        if self._trainer_clips:
+            self._clipped += sum(r.clipped for r in reports)
+        return metrics
+
+    # ------------------------------------------------------------------------------- end
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._after_backward is not None:
+            self._after_backward.remove()
+            self._after_backward = None
+        if self.watch is not None and not self.watch.closed:
+            if self._window is not None and len(self._window):
+                self._close_window()
+            self.summary = self._count_clipped(self.watch.close())
+        self._report = None
+
+    def _count_clipped(self, summary: RunSummary) -> RunSummary:
+        if not self._trainer_clips:
+            return summary
+        return dataclasses.replace(summary, clipped_steps=self._clipped)
+
+
+class _TrainerConsole(ConsoleSink):
+    """Alerts as they happen and the final table, counting the steps the Trainer clipped."""
+
+    def __init__(self, callback: GradWatchCallback) -> None:
+        super().__init__(every=0)
+        self._callback = callback
+
+    def render_summary(self, s: RunSummary) -> Any:
+        return super().render_summary(self._callback._count_clipped(s))
+
+
+def _logs_steps(args: Any) -> bool:
+    strategy = str(getattr(args, "logging_strategy", "steps"))
+    return strategy.endswith("steps") and bool(getattr(args, "logging_steps", 0))

@@ -1,0 +1,438 @@
+"""JSONL run log: one JSON object per line, written as the run goes, readable after a crash.
+
+A log is a header record (versions, watched parameters, configuration), then step and event records
+in the order they happened, then a summary record when the watcher closes. Every record is flushed
+as soon as it is written, so a killed process leaves a log whose only damage is its last line, and
+:func:`gradwatch.report.runlog.read_run` skips that line.
+
+Format (``"format": "gradwatch.jsonl"``, version 1), one object per line, told apart by ``"type"``:
+
+* ``header``: ``gradwatch_version``, ``torch_version``, ``time``, ``every``, ``params`` (a list of
+  ``{"name", "shape", "dtype"}``) and ``config``.
+* ``step``: the fields of a :class:`~gradwatch.records.StepReport`. ``norms`` lists the
+  per-parameter gradient norms *in header order* (``null`` where a parameter had no gradient) and
+  is always the last key, so a reader can parse it in bulk; ``nonfinite`` and ``spike_params`` are
+  positions in that order, so a step costs one short line. Keys whose value is empty or None
+  (``skip_reason``, ``nonfinite``, ``spike_params``, ``spike_threshold``, ``scale``,
+  ``micro_batch_norms``) are left out.
+  With ``every=N`` (N > 1) each written step also carries ``window``: statistics of the N steps
+  it closes (first step, count, largest and mean finite global norm, clipped/spike/NaN/skipped
+  counts, and ``norms_max``, each parameter's largest finite norm), so nothing that happened
+  between two written steps is lost.
+* ``event``: ``step``, ``kind``, ``message``, ``params`` (names) and ``data``. Always written.
+* ``summary``: the :class:`~gradwatch.records.RunSummary`, with per-layer statistics.
+
+Non-finite numbers are written as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``, so
+any standard JSON reader (``json``, ``jq``, pandas) accepts the file; :func:`decode_float` and the
+reader turn them back into floats. In an event's ``data`` they stay strings when read back, since
+there a string such as ``"NaN"`` can also be a label (``{"value": "NaN"}``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import numpy as np
+
+from gradwatch.config import check_choice, check_int
+from gradwatch.errors import GradWatchError
+from gradwatch.records import (
+    Event,
+    Finding,
+    LayerSummary,
+    ParamInfo,
+    Record,
+    RunStart,
+    RunSummary,
+    StepReport,
+)
+from gradwatch.report.base import Sink
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "JsonlSink",
+    "RunLogExistsError",
+    "decode_event",
+    "decode_float",
+    "decode_summary",
+    "encode_value",
+]
+
+FORMAT = "gradwatch.jsonl"
+"""Value of the header's ``format`` key; how a reader recognises a gradwatch run log."""
+
+FORMAT_VERSION = 1
+"""Version of the record layout described in this module's docstring."""
+
+_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+class RunLogExistsError(GradWatchError, FileExistsError):
+    """A :class:`JsonlSink` was pointed at a file that already exists, with ``mode="x"``."""
+
+
+def encode_value(value: Any) -> Any:
+    """``value`` made JSON-safe: non-finite floats as strings, tuples as lists, numpy as Python.
+
+    Used for the low-volume records (header, events, summary); step records are formatted directly.
+    """
+    if isinstance(value, float | np.floating):
+        number = float(value)
+        if math.isfinite(number):
+            return number
+        return "NaN" if math.isnan(number) else ("Infinity" if number > 0 else "-Infinity")
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, np.integer | np.bool_):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {str(k): encode_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [encode_value(v) for v in value]
+    return str(value)
+
+
+def decode_float(value: Any) -> float:
+    """A number read from a log: a JSON number, ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` or null.
+
+    null (a parameter without a gradient, a missing value) becomes NaN.
+    """
+    if value is None:
+        return math.nan
+    if isinstance(value, str):
+        return _NONFINITE.get(value, math.nan)
+    return float(value)
+
+
+def decode_event(record: Mapping[str, Any]) -> Event:
+    """The :class:`~gradwatch.records.Event` of an ``event`` record."""
+    return Event(
+        step=int(record["step"]),
+        kind=record["kind"],
+        message=str(record.get("message", "")),
+        params=tuple(record.get("params") or ()),
+        data=dict(record.get("data") or {}),
+    )
+
+
+_LAYER_FLOATS = ("min", "mean", "max", "last")
+_SUMMARY_FLOATS = ("global_min", "global_mean", "global_max", "global_last")
+
+
+def decode_summary(record: Mapping[str, Any]) -> RunSummary:
+    """The :class:`~gradwatch.records.RunSummary` of a ``summary`` record."""
+    layers = tuple(
+        LayerSummary(**{k: decode_float(v) if k in _LAYER_FLOATS else v for k, v in layer.items()})
+        for layer in record.get("layers", ())
+    )
+    findings = tuple(
+        Finding(
+            kind=f["kind"],
+            params=tuple(f.get("params", ())),
+            evidence=str(f.get("evidence", "")),
+            remedies=tuple(f.get("remedies", ())),
+            suggested={k: decode_float(v) for k, v in (f.get("suggested") or {}).items()},
+        )
+        for f in record.get("findings", ())
+    )
+    return RunSummary(
+        steps=int(record["steps"]),
+        first_step=record.get("first_step"),
+        last_step=record.get("last_step"),
+        **{k: decode_float(record.get(k)) for k in _SUMMARY_FLOATS},
+        clipped_steps=int(record.get("clipped_steps", 0)),
+        spikes=int(record.get("spikes", 0)),
+        loss_spikes=int(record.get("loss_spikes", 0)),
+        nonfinite_steps=int(record.get("nonfinite_steps", 0)),
+        skipped_steps=int(record.get("skipped_steps", 0)),
+        layers=layers,
+        nonfinite_origins=tuple((int(s), str(p)) for s, p in record.get("nonfinite_origins", ())),
+        findings=findings,
+    )
+
+
+class JsonlSink(Sink):
+    """Writes the run to a JSON Lines file: a header, steps, events and the final summary.
+
+    The file is opened when the sink is created, so a bad path fails before training starts. An
+    existing file is never overwritten: with ``mode="x"`` (default) the sink refuses it; with
+    ``mode="a"`` it appends, starting a new run in the same file (the reader reads the last run by
+    default). Each record is flushed to the operating system as it is written, so the log survives
+    a killed process (not a power cut: there is no fsync per line).
+
+    Args:
+        path: File to write, conventionally ending in ``.jsonl``.
+        every: Write one step record every ``every`` steps (1: all). Events are always written,
+            and each written step carries the statistics of the steps since the previous one.
+        mode: ``"x"`` to create a new file and refuse an existing one, ``"a"`` to append.
+
+    Raises:
+        RunLogExistsError: ``mode="x"`` and ``path`` exists, or ``mode="a"`` and ``path`` holds
+            something other than a gradwatch run log.
+        ValueError, TypeError: ``every`` or ``mode`` is invalid.
+        OSError: The file cannot be opened (missing directory, permissions).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, every: int = 1, mode: Literal["x", "a"] = "x"
+    ) -> None:
+        self.every = check_int("every", every)
+        self.mode = check_choice("mode", mode, ("x", "a"))
+        self.path = Path(path)
+        needs_newline = False
+        if self.mode == "a" and self.path.is_file() and self.path.stat().st_size:
+            needs_newline = _check_appendable(self.path)
+        try:
+            self._file: IO[str] | None = open(  # noqa: SIM115 (closed in close())
+                self.path, self.mode, encoding="utf-8", newline="\n"
+            )
+        except FileExistsError:
+            raise RunLogExistsError(
+                f"run log {str(self.path)!r} already exists; gradwatch never overwrites a log. "
+                'Pass mode="a" to append a new run to it, or choose a new path'
+            ) from None
+        if needs_newline:
+            self._write_line("")
+        self._names: tuple[str, ...] | None = None
+        self._position: dict[str, int] = {}
+        self._last: StepReport | None = None
+        self._last_values = np.empty(0)
+        self._window: _Window | None = None
+
+    # ------------------------------------------------------------------------------ records
+
+    def write(self, record: Record) -> None:
+        if isinstance(record, StepReport):
+            self._step(record)
+        elif isinstance(record, Event):
+            data = {
+                "type": "event",
+                "step": record.step,
+                "kind": record.kind,
+                "message": record.message,
+                "params": list(record.params),
+                "data": encode_value(record.data),
+            }
+            self._write_line(_dumps(data))
+        elif isinstance(record, RunStart):
+            self._header(record)
+        elif isinstance(record, RunSummary):
+            self._flush_window()
+            data = {"type": "summary", **encode_value(asdict(record))}
+            self._write_line(_dumps(data))
+
+    def close(self) -> None:
+        """Write the last partial window, if any, and close the file."""
+        if self._file is None:
+            return
+        self._flush_window()
+        self._file.close()
+        self._file = None
+
+    # ------------------------------------------------------------------------------ writing
+
+    def _header(self, start: RunStart) -> None:
+        self._set_names(tuple(p.name for p in start.params))
+        data = {
+            "type": "header",
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "gradwatch_version": start.gradwatch_version,
+            "torch_version": start.torch_version,
+            "time": encode_value(start.time),
+            "every": self.every,
+            "params": [
+                {"name": p.name, "shape": list(p.shape), "dtype": p.dtype} for p in start.params
+            ],
+            "config": encode_value(start.config),
+        }
+        self._write_line(_dumps(data))
+
+    def _set_names(self, names: tuple[str, ...]) -> None:
+        self._names = names
+        self._position = {n: i for i, n in enumerate(names)}
+        self._window = _Window(len(names)) if self.every > 1 else None
+
+    def _step(self, report: StepReport) -> None:
+        if self._names is None:  # fed without a RunStart: describe what we can
+            params = tuple(ParamInfo(n, (), "unknown") for n in report.param_norms.names)
+            self._header(RunStart("unknown", "unknown", params, {}, time.time()))
+        values = self._full_norms(report)
+        self._last = report
+        if self._window is not None:
+            self._window.update(report, values)
+            if self._window.steps < self.every:
+                self._last_values = values
+                return
+        self._write_step(report, values)
+
+    def _flush_window(self) -> None:
+        window = self._window
+        if window is None or not window.steps or self._last is None:
+            return
+        self._write_step(self._last, self._last_values)
+
+    def _write_step(self, report: StepReport, values: np.ndarray) -> None:
+        single = values.dtype == np.float32
+        num = _fmt32 if single else _fmt64
+        parts = [
+            f'{{"type":"step","step":{report.step}',
+            f',"global_norm":{num(report.global_norm)}',
+            f',"clipped_norm":{num(report.clipped_norm)}',
+            f',"clip_coef":{num(report.clip_coef)}',
+            f',"loss":{"null" if report.loss is None else num(report.loss)}',
+            f',"spike":{_BOOL[report.spike]},"loss_spike":{_BOOL[report.loss_spike]}',
+            f',"skipped":{_BOOL[report.skipped]}',
+        ]
+        if report.skip_reason is not None:
+            parts.append(f',"skip_reason":{json.dumps(report.skip_reason)}')
+        if report.nonfinite:
+            parts.append(f',"nonfinite":{self._positions(report.nonfinite)}')
+        if report.spike_params:
+            parts.append(f',"spike_params":{self._positions(report.spike_params)}')
+        if report.spike_threshold is not None:
+            parts.append(f',"spike_threshold":{num(report.spike_threshold)}')
+        if report.scale is not None:
+            parts.append(f',"scale":{num(report.scale)}')
+        if report.micro_batch_norms:
+            parts.append(f',"micro_batch_norms":[{",".join(map(num, report.micro_batch_norms))}]')
+        if self._window is not None:
+            parts.append(f',"window":{self._window.to_json(num, single)}')
+            self._window.reset()
+        parts.append(f',"norms":[{_float_list(values, single)}]}}')  # last: the reader relies on it
+        self._write_line("".join(parts))
+
+    def _full_norms(self, report: StepReport) -> np.ndarray:
+        """The step's norms in header order; parameters without a gradient hold ``_ABSENT``."""
+        norms = report.param_norms
+        names = self._names or ()
+        if norms.names is names or norms.names == names:
+            return norms.values
+        dtype = norms.values.dtype if norms.values.dtype.kind == "f" else np.float64
+        out = np.full(len(names), _ABSENT, dtype=dtype)
+        index = [self._position[n] for n in norms.names if n in self._position]
+        kept = [i for i, n in enumerate(norms.names) if n in self._position]
+        out[index] = norms.values[kept]
+        return out
+
+    def _positions(self, names: tuple[str, ...]) -> str:
+        return "[" + ",".join(str(self._position.get(n, -1)) for n in names) + "]"
+
+    def _write_line(self, line: str) -> None:
+        if self._file is None:
+            raise ValueError(f"JsonlSink({str(self.path)!r}) is closed")
+        self._file.write(line + "\n")
+        self._file.flush()
+
+
+def _check_appendable(path: Path) -> bool:
+    """Refuse to append to a file that is not a gradwatch run log; True if it lacks a last newline.
+
+    Raises:
+        RunLogExistsError: The file's first line is not a gradwatch header.
+    """
+    with open(path, "rb") as existing:
+        first = existing.readline(65536)
+        existing.seek(-1, os.SEEK_END)
+        needs_newline = existing.read(1) != b"\n"  # a killed writer left half a line
+    if b'"format":"' + FORMAT.encode() + b'"' not in first.replace(b" ", b""):
+        raise RunLogExistsError(
+            f'{str(path)!r} exists and is not a gradwatch run log; mode="a" only appends runs '
+            "to a log JsonlSink wrote. Choose a new path"
+        )
+    return needs_newline
+
+
+# --------------------------------------------------------------------------- number formatting
+
+_BOOL = {False: "false", True: "true"}
+_ABSENT = -1.0
+"""Marks a parameter without a gradient in a step's norm vector (a norm is never negative)."""
+
+_TEMPLATES: dict[tuple[int, bool], str] = {}
+
+
+def _fmt32(value: float) -> str:
+    """A float32-derived number with 9 significant digits: enough to read back the same float32."""
+    if math.isfinite(value):
+        return f"{value:.9g}"
+    return _nonfinite_token(value)
+
+
+def _fmt64(value: float) -> str:
+    if math.isfinite(value):
+        return repr(float(value))
+    return _nonfinite_token(value)
+
+
+def _nonfinite_token(value: float) -> str:
+    return '"NaN"' if math.isnan(value) else ('"Infinity"' if value > 0 else '"-Infinity"')
+
+
+def _float_list(values: np.ndarray, single: bool) -> str:
+    """Comma-separated norms: one C-level %-format for the usual all-finite, all-present case."""
+    if np.isfinite(values).all() and not (values < 0).any():
+        key = (len(values), single)
+        template = _TEMPLATES.get(key)
+        if template is None:
+            template = _TEMPLATES[key] = ",".join(["%.9g" if single else "%.17g"] * len(values))
+        return template % tuple(values.tolist())
+    num = _fmt32 if single else _fmt64
+    return ",".join("null" if v == _ABSENT else num(v) for v in values.tolist())
+
+
+def _dumps(data: Mapping[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+
+
+class _Window:
+    """Statistics of the steps between two written step records (used when ``every > 1``)."""
+
+    def __init__(self, n_params: int) -> None:
+        self.n_params = n_params
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.first: int | None = None
+        self.g_max, self.g_sum, self.g_count = -math.inf, 0.0, 0
+        self.clipped = self.spikes = self.loss_spikes = self.nonfinite = self.skipped = 0
+        self.norms_max = np.full(self.n_params, np.nan)
+
+    def update(self, report: StepReport, values: np.ndarray) -> None:
+        if self.first is None:
+            self.first = report.step
+        self.steps += 1
+        g = report.global_norm
+        if math.isfinite(g):
+            self.g_max = max(self.g_max, g)
+            self.g_sum += g
+            self.g_count += 1
+        self.clipped += report.clip_coef < 1.0
+        self.spikes += report.spike
+        self.loss_spikes += report.loss_spike
+        self.nonfinite += bool(report.nonfinite)
+        self.skipped += report.skipped
+        if not np.isfinite(values).all() or (values < 0).any():
+            values = np.where(np.isfinite(values) & (values >= 0), values, np.nan)
+        np.fmax(self.norms_max, values, out=self.norms_max)  # NaN (absent, non-finite) ignored
+
+    def to_json(self, num: Any, single: bool) -> str:
+        found = self.g_count > 0
+        maxima = np.where(np.isnan(self.norms_max), _ABSENT, self.norms_max)
+        return (
+            f'{{"first":{self.first},"steps":{self.steps}'
+            f',"global_max":{num(self.g_max) if found else "null"}'
+            f',"global_mean":{num(self.g_sum / self.g_count) if found else "null"}'
+            f',"clipped":{int(self.clipped)},"spikes":{int(self.spikes)}'
+            f',"loss_spikes":{int(self.loss_spikes)},"nonfinite":{int(self.nonfinite)}'
+            f',"skipped":{int(self.skipped)},"norms_max":[{_float_list(maxima, single)}]}}'
+        )

@@ -1,0 +1,391 @@
+"""The run figure: global gradient norm over steps with events marked, and a layer × step heatmap.
+
+The top panel answers "when did it go wrong": the global norm (log scale) with the spike
+threshold, the clipping limit and the norm after clipping, spikes as triangles, NaN/Inf steps as
+red bands and skipped steps as marks along the bottom. The heatmap answers "where": one row per
+layer in model order, colour = gradient norm on a log scale, NaN/Inf cells in red, and an arrow
+at the first NaN/Inf with the parameter it started in.
+
+Long runs are reduced to at most ``max_columns`` columns before drawing, keeping each column's
+largest finite norm and whether any step in it was non-finite, so a 100k-step log draws in about
+a second and no spike or NaN disappears. Needs matplotlib (``pip install "gradwatch[plot]"``);
+drawing uses the Agg canvas directly and never touches pyplot's global state or backend.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import IO, Any
+
+import numpy as np
+
+from gradwatch._optional import require
+from gradwatch.config import check_int
+from gradwatch.errors import ConfigError
+from gradwatch.report.base import layer_of
+from gradwatch.report.runlog import RunLog
+
+__all__ = ["plot_run"]
+
+_RED = "#d62728"
+_ORANGE = "#ff7f0e"
+_PURPLE = "#9467bd"
+_GOLD = "#bcbd22"
+_ZERO = "black"
+_ABSENT = "#e6e6e6"
+
+
+def plot_run(
+    log: RunLog,
+    out: str | os.PathLike[str] | IO[bytes],
+    *,
+    layer_depth: int | None = None,
+    max_columns: int = 600,
+    width: float = 11.0,
+    dpi: int = 100,
+) -> tuple[int, int]:
+    """Draw ``log`` and save it as a PNG.
+
+    Args:
+        log: A run read by :func:`~gradwatch.report.runlog.read_run`.
+        out: File path or binary file object to write the PNG to.
+        layer_depth: Group parameters into heatmap rows by their first ``layer_depth`` name parts
+            (None: by owning module).
+        max_columns: Most step columns drawn; longer runs are reduced (column maxima kept).
+        width: Figure width in inches; the height follows the number of layers.
+        dpi: Pixels per inch of the PNG.
+
+    Returns:
+        The PNG's ``(width, height)`` in pixels.
+
+    Raises:
+        MissingExtraError: matplotlib is not installed.
+        ValueError: The log has no recorded step, or an argument is invalid.
+    """
+    require("matplotlib", extra="plot")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    check_int("max_columns", max_columns, minimum=2)
+    check_int("dpi", dpi, minimum=10)
+    if len(log) == 0:
+        raise ConfigError(f"run log {str(log.path)!r} has no recorded steps to plot")
+
+    data = _Reduced(log, layer_depth, max_columns)
+    n_layers = len(data.layers)
+    height = 3.2 + min(max(n_layers, 4), 48) * 0.16
+    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(
+        2, 2, width_ratios=(60, 1), height_ratios=(2.2, max(n_layers, 4) * 0.16)
+    )
+    top = fig.add_subplot(grid[0, 0])
+    heat = fig.add_subplot(grid[1, 0], sharex=top)
+    fig.add_subplot(grid[0, 1]).set_axis_off()
+    colorbar_axis = fig.add_subplot(grid[1, 1])
+
+    _draw_global(top, log, data)
+    _draw_heatmap(heat, colorbar_axis, fig, log, data, layer_depth)
+    fig.suptitle(_title(log, data), x=0.01, ha="left", fontsize=11)
+    fig.savefig(out, format="png", dpi=dpi)
+    w, h = fig.canvas.get_width_height()
+    return int(w), int(h)
+
+
+class _Reduced:
+    """The log's series reduced to at most ``max_columns`` columns (maxima and flags kept)."""
+
+    def __init__(self, log: RunLog, depth: int | None, max_columns: int) -> None:
+        n = len(log)
+        step = log.step.astype(np.float64)
+        first = step - log.window_steps + 1
+        if n > 1 and not np.all(np.diff(step) > 0):  # defensive: steps out of order
+            step = np.arange(n, dtype=np.float64)
+            first = step
+        starts = (
+            np.arange(n)
+            if n <= max_columns
+            else np.unique(np.linspace(0, n, max_columns, endpoint=False).astype(np.intp))
+        )
+        self.starts = starts
+        self.edges = np.append(first[starts] - 0.5, step[-1] + 0.5)
+        self.centers = (self.edges[:-1] + self.edges[1:]) / 2
+        self.binned = n > max_columns
+
+        self.global_max = _fmax(log.peak_global_norm, starts)
+        self.global_min = _fmin(log.global_norm, starts)
+        clipped = np.where(log.clip_coef < 1.0, log.clipped_norm, np.nan)
+        self.clipped_max = _fmax(clipped, starts)
+        self.threshold = _fmax(log.spike_threshold, starts)
+        self.any_clipped = bool(np.any(log.clip_coef < 1.0))
+
+        self.layers = log.layer_names(depth)
+        sampled = log.layer_norms(depth)
+        present = log.layer_present(depth)
+        peaks = log.layer_norms(depth, peak=True) if log.every > 1 else sampled
+        nonfinite = present & ~np.isfinite(sampled)
+        index = {name: i for i, name in enumerate(self.layers)}
+        for event in log.events:  # exact even when steps were sampled
+            if event.kind == "nonfinite":
+                row = min(int(np.searchsorted(log.step, event.step)), n - 1)
+                for name in event.params:
+                    layer = index.get(layer_of(name, depth))
+                    if layer is not None:
+                        nonfinite[row, layer] = True
+        absent = ~present & np.isnan(peaks)
+        values = np.where(np.isfinite(peaks), peaks, np.nan)
+        self.values = _fmax(values, starts)
+        self.nonfinite = np.logical_or.reduceat(nonfinite, starts, axis=0)
+        self.absent = np.logical_and.reduceat(absent, starts, axis=0)
+
+
+def _fmax(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Largest finite value of each column group (NaN if none)."""
+    finite = np.where(np.isfinite(values), values, np.nan)
+    with np.errstate(invalid="ignore"):
+        return np.fmax.reduceat(finite, starts, axis=0)
+
+
+def _fmin(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    finite = np.where(np.isfinite(values), values, np.nan)
+    with np.errstate(invalid="ignore"):
+        return np.fmin.reduceat(finite, starts, axis=0)
+
+
+def _event_steps(log: RunLog, kind: str) -> np.ndarray:
+    return np.array(sorted({e.step for e in log.events if e.kind == kind}), dtype=np.float64)
+
+
+def _runs(steps: np.ndarray, gap: float) -> list[tuple[float, float]]:
+    """Merge sorted steps closer than ``gap`` into ``(first, last)`` runs."""
+    if not len(steps):
+        return []
+    breaks = np.flatnonzero(np.diff(steps) > gap)
+    firsts = np.concatenate(([steps[0]], steps[breaks + 1]))
+    lasts = np.concatenate((steps[breaks], [steps[-1]]))
+    return list(zip(firsts.tolist(), lasts.tolist()))
+
+
+def _draw_global(ax: Any, log: RunLog, data: _Reduced) -> None:
+    x = data.centers
+    positive = data.global_max[np.isfinite(data.global_max) & (data.global_max > 0)]
+    span = data.edges[-1] - data.edges[0]
+    if data.binned:
+        ax.fill_between(x, data.global_min, data.global_max, color="#1f77b4", alpha=0.2, lw=0)
+    label = "global gradient norm" + (" (max per column)" if data.binned else "")
+    ax.plot(x, data.global_max, color="#1f77b4", lw=1.4, label=label)
+    max_norm = None
+    if data.any_clipped:
+        ax.plot(x, data.clipped_max, color="#2ca02c", lw=1.0, ls="--", label="after clipping")
+        clip = log.header.config.get("clip")
+        max_norm = clip.get("max_norm") if isinstance(clip, dict) else None
+        if isinstance(max_norm, int | float):
+            ax.axhline(max_norm, color="#2ca02c", lw=0.8, ls=":", label=f"max_norm {max_norm:g}")
+    if np.isfinite(data.threshold).any():
+        ax.plot(x, data.threshold, color="0.45", lw=0.9, ls=":", label="spike threshold")
+
+    nonfinite = _event_steps(log, "nonfinite")
+    if not len(nonfinite):
+        nonfinite = log.step[log.nonfinite].astype(np.float64)
+    for i, (a, b) in enumerate(_runs(nonfinite, max(1.0, span / 400))):
+        count = f"{len(nonfinite)} step{'s' if len(nonfinite) > 1 else ''}"
+        label = f"NaN/Inf gradient ({count})" if i == 0 else None
+        ax.axvspan(a - 0.5, b + 0.5, color=_RED, alpha=0.18, lw=0, label=label)
+
+    spikes = [e for e in log.events if e.kind == "spike"]
+    if spikes:
+        sx = np.array([e.step for e in spikes], dtype=np.float64)
+        sy = np.array([_number(e.data.get("global_norm")) for e in spikes])
+        ax.scatter(
+            sx,
+            sy,
+            marker="^",
+            s=46,
+            color=_ORANGE,
+            edgecolor="black",
+            lw=0.5,
+            zorder=5,
+            label=f"spike ({len(spikes)})",
+        )
+
+    bottom = ax.get_xaxis_transform()
+    for kind, marker, color, y, name in (
+        ("skip", "v", _PURPLE, 0.04, "optimizer step skipped"),
+        ("loss_spike", "D", _GOLD, 0.11, "loss spike"),
+    ):
+        steps = _event_steps(log, kind)
+        if kind == "skip":
+            steps = np.union1d(steps, log.step[log.skipped].astype(np.float64))
+        if len(steps):
+            ax.scatter(
+                steps,
+                np.full(len(steps), y),
+                transform=bottom,
+                marker=marker,
+                s=22,
+                color=color,
+                lw=0,
+                zorder=5,
+                label=f"{name} ({len(steps)})",
+            )
+
+    limits = [positive]
+    if data.any_clipped:
+        limits.append(data.clipped_max[np.isfinite(data.clipped_max) & (data.clipped_max > 0)])
+    if isinstance(max_norm, int | float) and max_norm > 0:
+        limits.append(np.array([float(max_norm)]))
+    shown = np.concatenate(limits)
+    if len(shown):
+        ax.set_yscale("log")
+        low, high = shown.min(), shown.max()
+        ax.set_ylim(low / 3, high * 6)
+    else:
+        ax.text(
+            0.5,
+            0.5,
+            "no finite gradient norm recorded",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            color=_RED,
+        )
+        ax.set_yticks([])
+    ax.set_ylabel("global grad norm")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.tick_params(labelbottom=False)
+    ax.legend(loc="best", fontsize=8, ncols=3, framealpha=0.85)
+
+
+def _draw_heatmap(
+    ax: Any, cax: Any, fig: Any, log: RunLog, data: _Reduced, depth: int | None
+) -> None:
+    from matplotlib.colors import ListedColormap, LogNorm
+    from matplotlib.patches import Patch
+
+    values = data.values.T  # layers x columns
+    positive = values[np.isfinite(values) & (values > 0)]
+    cmap = _colormap()
+    n_layers = len(data.layers)
+    y_edges = np.arange(n_layers + 1) - 0.5
+    if len(positive):
+        low, high = _colour_range(positive, data.global_max)
+        norm = LogNorm(vmin=low, vmax=high)
+        mesh = ax.pcolormesh(
+            data.edges,
+            y_edges,
+            np.ma.masked_where(~(values > 0), values),
+            cmap=cmap,
+            norm=norm,
+            shading="flat",
+            rasterized=True,
+        )
+        below = bool(positive.min() < low)
+        above = bool(positive.max() > high)
+        extend = {(False, False): "neither", (True, False): "min", (False, True): "max"}
+        bar = fig.colorbar(mesh, cax=cax, extend=extend.get((below, above), "both"))
+        bar.set_label("layer gradient norm", fontsize=9)
+    else:
+        cax.set_axis_off()
+    for mask, colour in ((values == 0, _ZERO), (data.nonfinite.T, _RED)):
+        if mask.any():
+            cells = np.ma.masked_where(~mask, np.ones_like(values))
+            ax.pcolormesh(
+                data.edges,
+                y_edges,
+                cells,
+                cmap=ListedColormap([colour]),
+                shading="flat",
+                rasterized=True,
+            )
+    ax.set_facecolor(_ABSENT)  # no gradient at all: background shows through
+
+    ax.set_ylim(n_layers - 0.5, -0.5)  # first layer on top
+    every = max(1, int(np.ceil(n_layers / 40)))
+    ticks = np.arange(0, n_layers, every)
+    ax.set_yticks(ticks, [data.layers[i] for i in ticks], fontsize=8 if n_layers <= 24 else 6)
+    ax.set_xlim(data.edges[0], data.edges[-1])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("layer (model order)")
+
+    handles = []
+    if data.nonfinite.any():
+        handles.append(Patch(color=_RED, label="NaN/Inf"))
+    if data.absent.any():
+        handles.append(Patch(color=_ABSENT, label="no gradient"))
+    if (values == 0).any():
+        handles.append(Patch(color=_ZERO, label="zero gradient"))
+    ax.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(0, -0.09 if n_layers < 8 else -0.05),
+        ncols=3,
+        fontsize=8,
+        frameon=False,
+    )
+
+    first = next((e for e in log.events if e.kind == "nonfinite" and e.params), None)
+    if first is not None:
+        name = first.params[0]
+        layer = (
+            data.layers.index(layer_of(name, depth)) if layer_of(name, depth) in data.layers else 0
+        )
+        right = first.step > (data.edges[0] + data.edges[-1]) / 2
+        ax.annotate(
+            f"NaN/Inf starts: {name}, step {first.step}",
+            xy=(first.step, layer),
+            xytext=(-28 if right else 28, 16 if layer > n_layers / 2 else -16),
+            textcoords="offset points",
+            ha="right" if right else "left",
+            va="bottom" if layer > n_layers / 2 else "top",
+            fontsize=8.5,
+            bbox={"boxstyle": "round,pad=0.25", "fc": "white", "ec": _RED, "lw": 0.8},
+            arrowprops={"arrowstyle": "->", "color": "black", "lw": 0.9},
+        )
+
+
+def _colour_range(positive: np.ndarray, global_max: np.ndarray) -> tuple[float, float]:
+    """Log colour limits that show the run's build-up, not only its most extreme cells.
+
+    A layer's norm never exceeds the global norm of the same step, except at steps where the
+    global norm itself overflowed; those cells (often 10^30 times the rest) would turn everything
+    before them into one colour. So the top of the scale is the largest finite global norm (the
+    top panel's range), the bottom the 1st percentile of layer norms; cells beyond take the end
+    colours and the colour bar's arrows say so.
+    """
+    low = float(10 ** np.percentile(np.log10(positive), 1))
+    finite = global_max[np.isfinite(global_max) & (global_max > 0)]
+    high = float(finite.max()) if len(finite) else float(positive.max())
+    high = min(high, float(positive.max()))
+    if high < low * 10:  # a nearly flat run: still show a decade
+        middle = np.sqrt(low * high)
+        low, high = middle / np.sqrt(10), middle * np.sqrt(10)
+    return low, high
+
+
+def _colormap() -> Any:
+    from matplotlib import colormaps
+
+    viridis = colormaps["viridis"]
+    return viridis.with_extremes(under=viridis(0.0), bad=_ABSENT)
+
+
+def _title(log: RunLog, data: _Reduced) -> str:
+    steps = int(log.window_steps.sum())
+    parts = [f"{log.path.name}: {steps} steps, {len(data.layers)} layers"]
+    first = next((e for e in log.events if e.kind == "nonfinite" and e.params), None)
+    if first is not None:
+        parts.append(f"NaN/Inf from step {first.step} (first in {first.params[0]})")
+    spikes = sum(e.kind == "spike" for e in log.events)
+    if spikes:
+        parts.append(f"{spikes} spike{'s' * (spikes > 1)}")
+    if data.any_clipped:
+        clipped = int((log.clip_coef < 1.0).sum())
+        parts.append(f"clipped {clipped}/{len(log)} recorded steps")
+    return " · ".join(parts)
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")

@@ -1,0 +1,226 @@
+"""``gradwatch report RUN.jsonl``: a run log as a terminal summary, a figure and an HTML page.
+
+The terminal part needs nothing beyond gradwatch's own dependencies: what was watched and how,
+the same per-layer table the console sink prints at the end of a run, and a timeline of events
+with repeats folded (a run that went NaN at step 57 and stayed NaN shows one line, not 10,000).
+``--plot`` adds the figure of :mod:`gradwatch.report.plots`; ``--html`` writes one self-contained
+page (the terminal output, and the figure embedded when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import base64
+import html as html_lib
+import io
+import os
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from gradwatch._optional import MissingExtraError
+from gradwatch.records import Event
+from gradwatch.report.console import fmt, summary_notes, summary_table
+from gradwatch.report.runlog import RunLog, RunLogError, read_run
+
+__all__ = ["event_timeline", "render_report", "run_report"]
+
+_KIND_STYLE = {
+    "nonfinite": "bold red",
+    "spike": "yellow",
+    "loss_spike": "yellow",
+    "skip": "magenta",
+}
+_KIND_NAME = {
+    "nonfinite": "NaN/Inf",
+    "spike": "spike",
+    "loss_spike": "loss spike",
+    "skip": "skipped",
+}
+
+
+def run_report(
+    path: str | os.PathLike[str],
+    plot: str | os.PathLike[str] | None = None,
+    html: str | os.PathLike[str] | None = None,
+    *,
+    console: Console | None = None,
+) -> int:
+    """Summarise the run log at ``path`` in the terminal; optionally write a figure and a page.
+
+    Args:
+        path: A log written by :class:`~gradwatch.report.jsonl.JsonlSink`.
+        plot: Where to write the PNG figure (needs ``gradwatch[plot]``), or None.
+        html: Where to write a self-contained HTML report, or None.
+        console: Where the summary goes (default: a console on stdout).
+
+    Returns:
+        The exit code: 0 on success; 2 if the log cannot be read or has nothing to plot (one line
+        on stderr says why); 1 if ``--plot`` needs matplotlib and it is not installed.
+    """
+    try:
+        log = read_run(path)
+    except RunLogError as err:
+        return _fail(str(err))
+    if plot is not None and len(log) == 0:
+        return _fail(f"cannot plot {str(path)!r}: the run recorded no step")
+
+    out = console if console is not None else Console()
+    if html is not None and not out.record:
+        out = Console(file=out.file, record=True, width=out.width if console else None)
+    for renderable in render_report(log):
+        out.print(renderable, soft_wrap=isinstance(renderable, Text))  # lines: never hard-wrap
+
+    if plot is not None:
+        try:
+            from gradwatch.report.plots import plot_run
+
+            width, height = plot_run(log, plot)
+        except MissingExtraError as err:
+            print(f"gradwatch report: {err}", file=sys.stderr)
+            return 1
+        except OSError as err:
+            return _fail(f"cannot write the figure to {str(plot)!r}: {err.strerror or err}")
+        out.print(Text(f"figure written to {plot} ({width}x{height} px)"), soft_wrap=True)
+    if html is not None:
+        try:
+            _write_html(log, out, html)
+        except OSError as err:
+            return _fail(f"cannot write the HTML report to {str(html)!r}: {err.strerror or err}")
+        out.print(Text(f"HTML report written to {html}"), soft_wrap=True)
+    if plot is None and html is None and len(log):
+        out.print(
+            Text(f"plot it: gradwatch report {path} --plot run.png", style="dim"), soft_wrap=True
+        )
+    return 0
+
+
+def render_report(log: RunLog) -> list[Table | Text]:
+    """The terminal report, in order: header lines, the per-layer table, the event timeline."""
+    parts: list[Table | Text] = _header_lines(log)
+    summary = log.summary if log.summary is not None else log.summarize()
+    if summary.steps:
+        parts += [Text(""), summary_table(summary), Text(summary_notes(summary))]
+    parts += [Text(""), event_timeline(log.events)]
+    return parts
+
+
+def event_timeline(events: Sequence[Event]) -> Table | Text:
+    """Events in step order, consecutive repeats of one kind folded into a single row.
+
+    A row covers a run of events of the same kind at consecutive steps (a NaN that persists, a
+    streak of spikes) and shows its first message. At most 30 rows; the rest are counted.
+    """
+    if not events:
+        return Text("no events: no NaN/Inf, spike, loss spike or skipped step", style="green")
+    rows: list[list[Event]] = []
+    open_rows: dict[str, list[Event]] = {}
+    for event in events:
+        current = open_rows.get(event.kind)
+        if current is not None and event.step - current[-1].step <= 1:
+            current.append(event)
+        else:
+            current = [event]
+            open_rows[event.kind] = current
+            rows.append(current)
+    table = Table(title="events", title_justify="left", show_edge=False, pad_edge=False)
+    table.add_column("steps", justify="right", no_wrap=True)
+    table.add_column("event", no_wrap=True)
+    table.add_column("count", justify="right")
+    table.add_column("first message")
+    for group in rows[:30]:
+        first, last = group[0].step, group[-1].step
+        steps = str(first) if first == last else f"{first}-{last}"
+        kind = group[0].kind
+        table.add_row(
+            steps,
+            Text(_KIND_NAME.get(kind, kind), style=_KIND_STYLE.get(kind, "")),
+            str(len(group)),
+            group[0].message,
+        )
+    if len(rows) > 30:
+        hidden = sum(len(group) for group in rows[30:])
+        table.add_row("...", "", str(hidden), f"{len(rows) - 30} more runs of events")
+    return table
+
+
+def _header_lines(log: RunLog) -> list[Text]:
+    start = log.header
+    config = start.config
+    clip = config.get("clip")
+    clip_text = "none"
+    if isinstance(clip, dict):
+        clip_text = ", ".join(f"{k}={v}" for k, v in clip.items() if k != "name")
+        clip_text = f"{clip.get('name', 'clip')}({clip_text})"
+    runs = f" (run {log.run_index + 1} of {log.run_count})" if log.run_count > 1 else ""
+    lines = [
+        Text(f"gradwatch run log {log.path}{runs}", style="bold"),
+        Text(
+            f"gradwatch {start.gradwatch_version}, torch {start.torch_version}; "
+            f"{len(start.params)} parameters in {len(log.layer_names())} layers; "
+            f"clip {clip_text}; on_nonfinite={config.get('on_nonfinite', '?')}, "
+            f"on_spike={config.get('on_spike', '?')}"
+        ),
+    ]
+    if len(log):
+        sampled = f", one record every {log.every} steps" if log.every > 1 else ""
+        lines.append(
+            Text(
+                f"{int(log.window_steps.sum())} steps recorded, {log.step[0]}-{log.step[-1]}"
+                f"{sampled}; global norm last {fmt(float(log.global_norm[-1]))}"
+            )
+        )
+    else:
+        lines.append(Text("no step recorded (the run stopped before its first check)", "yellow"))
+    if log.truncated:
+        lines.append(
+            Text(
+                "the log ends in the middle of a line (the process was killed?); "
+                "that incomplete record was skipped",
+                style="yellow",
+            )
+        )
+    if log.bad_lines:
+        lines.append(Text(f"{log.bad_lines} unreadable line(s) skipped", style="yellow"))
+    if log.summary is None and len(log):
+        lines.append(
+            Text(
+                "no final summary (the run did not close): statistics below are computed "
+                "from the recorded steps",
+                style="yellow",
+            )
+        )
+    return lines
+
+
+def _write_html(log: RunLog, console: Console, path: str | os.PathLike[str]) -> None:
+    """A single self-contained page: the terminal output, and the figure if matplotlib works."""
+    body = console.export_html(inline_styles=True, code_format="<pre>{code}</pre>")
+    figure = ""
+    if len(log):
+        try:
+            from gradwatch.report.plots import plot_run
+
+            buffer = io.BytesIO()
+            plot_run(log, buffer)
+            data = base64.b64encode(buffer.getvalue()).decode("ascii")
+            figure = f'<img alt="gradient norms" src="data:image/png;base64,{data}">'
+        except MissingExtraError:
+            figure = '<p>Install matplotlib (pip install "gradwatch[plot]") for the figure.</p>'
+    title = html_lib.escape(f"gradwatch report: {log.path.name}")
+    page = (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+        f"<title>{title}</title>"
+        "<style>body{font-family:sans-serif;margin:1.5em} img{max-width:100%} "
+        "pre{font-size:13px;line-height:1.25}</style></head><body>"
+        f"<h1>{title}</h1>{figure}{body}</body></html>\n"
+    )
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(page)
+
+
+def _fail(message: str) -> int:
+    print(f"gradwatch report: error: {message}", file=sys.stderr)
+    return 2

@@ -1,0 +1,234 @@
+"""``gradwatch report``: terminal summary, figure and page from real run logs; bad logs exit 2."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradwatch as gw
+from gradwatch.cli import main
+from gradwatch.records import ParamInfo, ParamNorms, RunStart, StepReport
+from gradwatch.report.console import fmt
+from gradwatch.report.jsonl import JsonlSink
+
+image = pytest.importorskip("matplotlib.image")
+
+
+def _train(path, steps=40, *, nan_at=None, spike_at=None, every=1, close=True):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    watch = gw.GradWatch(
+        model,
+        sinks=[JsonlSink(path, every=every)],
+        clip=gw.ClipNorm(0.3),
+        spike_detector=gw.SpikeDetector(warmup=5),
+    )
+    for step in range(steps):
+        loss = model(torch.randn(16, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        if step == nan_at:
+            model[2].weight.grad[0, 0] = float("nan")
+        if step == spike_at:
+            for p in model.parameters():
+                p.grad.mul_(1000.0)
+        watch.check(loss=loss)
+        if step not in (nan_at, spike_at):
+            opt.step()
+    if close:
+        watch.close()
+    else:
+        watch.flush()  # every record so far reached the sink; the process then dies
+    return watch
+
+
+@pytest.fixture(scope="module")
+def run_log(tmp_path_factory):
+    path = tmp_path_factory.mktemp("logs") / "run.jsonl"
+    _train(path, nan_at=25, spike_at=15)
+    return path
+
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("gradwatch report: error: ")
+    return lines[0]
+
+
+def test_terminal_report(run_log, capsys):
+    assert main(["report", str(run_log)]) == 0
+    out = capsys.readouterr().out
+    assert f"gradwatch run log {run_log}" in out
+    assert "6 parameters in 3 layers; clip ClipNorm(max_norm=0.3, norm_type=2.0)" in out
+    assert "40 steps recorded, 0-39" in out
+    assert "gradwatch summary: 40 steps" in out
+    assert re.search(r"│ 2 +│", out)  # a row of the per-layer table
+    assert "NaN/Inf started in: step 25: 2.weight" in out
+    timeline = out[out.index("events") :]
+    assert re.search(r"\b15 +│ spike +│ +1 │ step 15: gradient norm spike", timeline)
+    assert re.search(r"\b25 +│ NaN/Inf +│ +1 │ step 25: NaN in gradient of `2.weight`", timeline)
+    assert f"plot it: gradwatch report {run_log} --plot run.png" in out
+
+
+def test_plot_is_a_png_of_the_reported_size(run_log, tmp_path, capsys):
+    png = tmp_path / "run.png"
+    assert main(["report", str(run_log), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    size = re.search(r"figure written to .*run\.png \((\d+)x(\d+) px\)", out)
+    assert size is not None
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = image.imread(png)
+    assert pixels.shape[:2] == (int(size.group(2)), int(size.group(1)))
+    assert pixels.shape[1] == 1100 and pixels.shape[0] >= 380
+    assert pixels.std() > 0.05  # a drawn figure, not a blank canvas
+    red = (pixels[..., 0] > 0.8) & (pixels[..., 1] < 0.25) & (pixels[..., 2] < 0.25)
+    assert red.sum() > 20  # the NaN/Inf cells of the heatmap are drawn in red
+    assert png.stat().st_size < 200_000
+
+
+def test_html_page_embeds_the_figure_and_the_tables(run_log, tmp_path, capsys):
+    page = tmp_path / "run.html"
+    assert main(["report", str(run_log), "--html", str(page)]) == 0
+    assert f"HTML report written to {page}" in capsys.readouterr().out
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>")
+    assert "gradwatch summary: 40 steps" in text and "NaN/Inf started in" in text
+    embedded = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+    assert embedded is not None
+    assert base64.b64decode(embedded.group(1))[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_log_of_a_killed_run_still_reports(tmp_path, capsys):
+    path = tmp_path / "killed.jsonl"
+    _train(path, steps=20, nan_at=12, close=False)  # no summary record: the run never closed
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 25])  # killed in the middle of writing step 19
+    png = tmp_path / "killed.png"
+    assert main(["report", str(path), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "ends in the middle of a line" in out
+    assert "no final summary (the run did not close)" in out
+    assert "gradwatch summary: 19 steps" in out
+    assert "NaN/Inf started in: step 12: 2.weight" in out
+    width, height = map(int, re.search(r"\((\d+)x(\d+) px\)", out).groups())
+    assert image.imread(png).shape[:2] == (height, width)
+
+
+def test_sampled_log_reports(tmp_path, capsys):
+    path = tmp_path / "sampled.jsonl"
+    _train(path, steps=30, every=7, spike_at=10)
+    png = tmp_path / "sampled.png"
+    assert main(["report", str(path), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "30 steps recorded, 6-29, one record every 7 steps" in out
+    assert "gradwatch summary: 30 steps" in out and png.exists()
+
+
+HEADER = b'{"type":"header","format":"gradwatch.jsonl","format_version":1,"params":[]}'
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (None, "does not exist"),
+        (b"", "is empty"),
+        (b"epoch,loss\n1,0.5\n", "not a gradwatch run log"),
+        (b'{"loss": 0.5}\n', "not a gradwatch run log"),
+        (HEADER[:40], "ends inside its header"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, capsys, content, reason):
+    path = tmp_path / "bad.jsonl"
+    if content is not None:
+        path.write_bytes(content)
+    assert main(["report", str(path), "--plot", str(tmp_path / "x.png")]) == 2
+    line = _one_error_line(capsys)
+    assert reason in line and str(path) in line
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_nothing_to_plot_is_an_error_but_the_summary_is_not(tmp_path, capsys):
+    path = tmp_path / "header_only.jsonl"
+    path.write_bytes(HEADER + b"\n")
+    assert main(["report", str(path), "--plot", str(tmp_path / "x.png")]) == 2
+    assert "the run recorded no step" in _one_error_line(capsys)
+    assert main(["report", str(path)]) == 0
+    assert "no step recorded" in capsys.readouterr().out
+
+
+def _long_log(path, steps: int) -> float:
+    """A long log in JsonlSink's format, written in bulk (the sink itself writes the first step)."""
+    names = tuple(f"blocks.{i}.weight" for i in range(8))
+    values = (np.random.default_rng(0).random((steps, 8)) + 0.5).astype(np.float32)
+    values[70_000:70_010] *= 1e4  # a burst in a long run must survive downsampling
+    global_norms = np.sqrt((values.astype(np.float64) ** 2).sum(axis=1))
+    sink = JsonlSink(path)
+    sink.write(RunStart("test", "test", tuple(ParamInfo(n, (4,), "float32") for n in names), {}, 0))
+    report = StepReport(
+        0,
+        global_norm=float(global_norms[0]),
+        clipped_norm=float(global_norms[0]),
+        clip_coef=1.0,
+        param_norms=ParamNorms(names, values[0]),
+        nonfinite=(),
+        spike=False,
+        loss_spike=False,
+        skipped=False,
+        loss=None,
+    )
+    sink.write(report)
+    sink.close()
+    text = io.StringIO()
+    np.savetxt(text, values, fmt="%.9g", delimiter=",")
+    lines = [
+        f'{{"type":"step","step":{i},"global_norm":{g:.9g},"clipped_norm":{g:.9g},'
+        f'"clip_coef":1,"loss":null,"spike":false,"loss_spike":false,"skipped":false,'
+        f'"norms":[{row}]}}\n'
+        for i, (g, row) in enumerate(zip(global_norms.tolist(), text.getvalue().splitlines()))
+    ]
+    written = path.read_text().splitlines(keepends=True)
+    assert written[1] == lines[0]  # the bulk lines are exactly what the sink writes
+    path.write_text(written[0] + "".join(lines))
+    return float(global_norms.max())
+
+
+def test_hundred_thousand_steps_in_seconds(tmp_path, capsys):
+    path = tmp_path / "long.jsonl"
+    peak = _long_log(path, 100_000)
+    png = tmp_path / "long.png"
+    start = time.perf_counter()
+    assert main(["report", str(path), "--plot", str(png)]) == 0
+    elapsed = time.perf_counter() - start
+    out = capsys.readouterr().out
+    assert "100000 steps recorded, 0-99999" in out
+    assert f"max {fmt(peak)}  last" in out  # the burst at step 70000 is the run's maximum
+    width, height = map(int, re.search(r"\((\d+)x(\d+) px\)", out).groups())
+    assert image.imread(png).shape[:2] == (height, width)
+    assert elapsed < 30, f"report of 100k steps took {elapsed:.1f}s"
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch: seconds
+def test_python_dash_m_entry_point(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "gradwatch", "report", str(tmp_path / "missing.jsonl")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.strip().count("\n") == 0
+    assert "does not exist" in done.stderr

@@ -1,0 +1,226 @@
+"""GradWatchCallback in real Hugging Face Trainer runs: a tiny GPT-2 built from a config, on CPU.
+
+No hub access: the model is randomly initialised from a config written here and the data set is
+a list of random token sequences. The Trainer's own ``grad_norm`` log (the norm its
+``clip_grad_norm_`` returns, before clipping) is the reference the reports are compared with.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+import gradwatch as gw
+from gradwatch._optional import MissingExtraError
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+transformers = pytest.importorskip("transformers")
+
+from gradwatch.integrations.transformers import GradWatchCallback  # noqa: E402
+
+CLIP = 0.05
+POISONED = "transformer.h.0.mlp.c_fc.weight"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared machine: threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model() -> transformers.GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=16, vocab_size=64, n_positions=16, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _data(n: int = 64) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(0, 64, (16,), generator=gen)
+        rows.append({"input_ids": ids, "labels": ids})
+    return rows
+
+
+class _Poison(transformers.TrainerCallback):
+    """Puts a NaN into one parameter's gradient at one optimizer step; records weight changes."""
+
+    def __init__(self, model: torch.nn.Module, step: int | None) -> None:
+        self.step = step
+        self.active = False
+        self.changed: list[bool] = []
+        self._before: list[torch.Tensor] = []
+        self.model = model
+        dict(model.named_parameters())[POISONED].register_hook(self._hook)
+
+    def _hook(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad * math.nan if self.active else grad
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        self.active = state.global_step == self.step
+        self._before = [p.detach().clone() for p in self.model.parameters()]
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        after = list(self.model.parameters())
+        self.changed.append(any(not torch.equal(a, b) for a, b in zip(after, self._before)))
+
+
+def _train(tmp_path, *callbacks, model=None, **arguments):
+    model = model if model is not None else _model()
+    options = dict(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        logging_steps=2,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        learning_rate=1e-3,
+        max_grad_norm=CLIP,
+        seed=0,
+    )
+    options.update(arguments)
+    args = transformers.TrainingArguments(**options)
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=_data(), callbacks=list(callbacks)
+    )
+    trainer.train()
+    return trainer
+
+
+def _train_logs(trainer) -> list[dict[str, float]]:
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def test_missing_transformers_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # None makes the import fail
+    monkeypatch.delitem(sys.modules, "gradwatch.integrations.transformers")
+    with pytest.raises(MissingExtraError, match=r'pip install "gradwatch\[transformers\]"'):
+        import gradwatch.integrations.transformers  # noqa: F401
+
+
+def test_norms_before_and_after_max_grad_norm_clipping(tmp_path, capsys) -> None:
+    callback = GradWatchCallback()
+    trainer = _train(tmp_path, callback, logging_steps=1)
+
+    reports = list(callback.history)
+    logs = _train_logs(trainer)
+    assert len(reports) == len(logs) == 6
+    for report, log in zip(reports, logs):
+        # Before clipping: what the Trainer's clip_grad_norm_ returned and logged.
+        assert report.global_norm == pytest.approx(log["grad_norm"], rel=1e-6)
+        assert report.global_norm > CLIP
+        # After clipping: measured right before optimizer.step().
+        assert report.clipped_norm == pytest.approx(CLIP, rel=1e-5)
+        assert report.clip_coef == pytest.approx(CLIP / log["grad_norm"], rel=1e-5)
+    out = capsys.readouterr().out
+    assert "gradwatch summary: 6 steps" in out
+    assert "clipped 6 steps (100.0%)" in out
+    assert callback.summary.clipped_steps == 6
+
+
+def test_window_statistics_cover_every_step_of_the_window(tmp_path) -> None:
+    callback = GradWatchCallback(top_k=2)
+    trainer = _train(tmp_path, callback, logging_steps=3)
+
+    norms = [r.global_norm for r in callback.history]
+    logs = _train_logs(trainer)
+    assert [log["step"] for log in logs] == [3, 6]
+    for i, log in enumerate(logs):
+        window = norms[3 * i : 3 * i + 3]
+        assert log["grad_norm"] == pytest.approx(window[-1], rel=1e-6)  # the Trainer: last step
+        assert log["grad_norm/global_max"] == pytest.approx(max(window), rel=1e-6)
+        assert log["grad_norm/global"] == pytest.approx(sum(window) / 3, rel=1e-6)
+        assert log["grad_norm/clipped_max"] == pytest.approx(CLIP, rel=1e-5)
+        assert log["grad_norm/clipped_steps"] == 3
+        assert (log["grad_norm/nan_steps"], log["grad_norm/spikes"]) == (0, 0)
+        layers = [k for k in log if k.startswith("grad_norm/transformer.")]
+        assert len(layers) == 2  # top_k
+
+
+def test_accumulated_gradient_checked_once_per_optimizer_step(tmp_path) -> None:
+    callback = GradWatchCallback()
+    trainer = _train(
+        tmp_path,
+        callback,
+        gradient_accumulation_steps=2,
+        logging_steps=1,
+        # Reentrant checkpointing recomputes in nested backward passes: still one check per step.
+        activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": True},
+    )
+    logs = _train_logs(trainer)
+    assert len(callback.history) == len(logs) == 6  # 12 micro-batches, 6 optimizer steps
+    # The Trainer's norm is that of the accumulated gradient: checking after the first
+    # micro-batch, or after clipping, would give another number.
+    assert [r.global_norm for r in callback.history] == pytest.approx(
+        [log["grad_norm"] for log in logs], rel=1e-6
+    )
+
+
+def test_nan_origin_is_named_although_clipping_spreads_it(tmp_path, capsys) -> None:
+    model = _model()
+    poison = _Poison(model, step=2)
+    callback = GradWatchCallback()  # warn: report only
+    trainer = _train(tmp_path, poison, callback, model=model, logging_steps=3)
+
+    bad = callback.history[2]
+    # The Trainer's clipping multiplies every gradient by max_norm / nan: checked before it,
+    # the NaN is still only where it started.
+    assert bad.nonfinite == (POISONED,)
+    assert math.isnan(bad.global_norm)
+    logs = _train_logs(trainer)
+    # Reported only: the NaN reached the weights, so every later step is NaN too.
+    assert [log["grad_norm/nan_steps"] for log in logs] == [1, 3]
+    # The Trainer's loss log shows nothing (logging_nan_inf_filter hides NaN losses).
+    assert all(math.isfinite(log["loss"]) for log in logs)
+    out = capsys.readouterr().out
+    alert = next(line for line in out.splitlines() if "step 2: NaN in gradient of" in line)
+    assert POISONED in alert
+
+
+def test_skip_leaves_weights_optimizer_and_schedule_untouched(tmp_path) -> None:
+    model = _model()
+    poison = _Poison(model, step=2)
+    callback = GradWatchCallback(on_nonfinite="skip")
+    trainer = _train(tmp_path, poison, callback, model=model, logging_steps=3)
+
+    assert [r.skipped for r in callback.history] == [False, False, True, False, False, False]
+    assert poison.changed == [True, True, False, True, True, True]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    adam_steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}
+    assert adam_steps == {5}  # AdamW stepped 5 times, not 6
+    assert trainer.lr_scheduler.last_epoch == 5  # the schedule did not advance either
+    logs = _train_logs(trainer)
+    assert [log["grad_norm/skipped_steps"] for log in logs] == [1, 0]
+
+
+def test_gradwatch_clips_instead_of_the_trainer(tmp_path) -> None:
+    by_trainer = _model()
+    _train(tmp_path / "a", GradWatchCallback(), model=by_trainer)
+    by_gradwatch = _model()
+    callback = GradWatchCallback(clip=gw.ClipNorm(CLIP))
+    _train(tmp_path / "b", callback, model=by_gradwatch, max_grad_norm=0.0)
+
+    assert [r.clipped_norm for r in callback.history] == pytest.approx([CLIP] * 6, rel=1e-5)
+    for p, q in zip(by_trainer.parameters(), by_gradwatch.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+def test_both_clipping_raises_before_training(tmp_path) -> None:
+    callback = GradWatchCallback(clip=gw.ClipNorm(1.0))
+    with pytest.raises(gw.ConfigError, match="max_grad_norm"):
+        _train(tmp_path, callback)
+    assert callback.history == type(callback.history)()

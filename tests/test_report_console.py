@@ -1,0 +1,158 @@
+"""ConsoleSink: what it prints, asserted on captured text, alone and next to progress bars."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+import rich
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from torch import nn
+
+import gradwatch as gw
+from gradwatch.errors import ConfigTypeError
+
+tqdm = pytest.importorskip("tqdm").tqdm
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.encoder(x)))
+
+
+def _train(sink, steps=6, *, nan_at=None, spike_at=None, model=None, each_step=None, **kwargs):
+    model = model if model is not None else _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    watch = gw.GradWatch(model, sinks=[sink], **kwargs)
+    for step in range(steps):
+        loss = model(torch.randn(16, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        params = list(model.parameters())
+        if step == nan_at:
+            params[2].grad[0, 0] = float("nan")
+        if step == spike_at:
+            for p in params:
+                p.grad.mul_(1000.0)
+        watch.check(loss=loss)
+        if step not in (nan_at, spike_at):
+            opt.step()
+        if each_step is not None:
+            each_step()
+    watch.close()
+    return list(watch.history)
+
+
+def _plain_console(**kwargs) -> tuple[Console, io.StringIO]:
+    buffer = io.StringIO()
+    return Console(file=buffer, width=100, **kwargs), buffer
+
+
+def test_alerts_periodic_lines_and_final_table():
+    console, buffer = _plain_console()
+    history = _train(gw.ConsoleSink(every=3, console=console), nan_at=4)
+    out = buffer.getvalue()
+    lines = out.splitlines()
+
+    assert lines[0].startswith("gradwatch steps 0-2 | norm ")
+    norms = [r.global_norm for r in history[:3]]
+    assert f"max {max(norms):.4g})" in lines[0] and "nan steps 0" in lines[0]
+    alert = next(line for line in lines if "⚠" in line)
+    assert alert.startswith("gradwatch ⚠ step 4: NaN in gradient of `2.weight`")
+    assert any(line.startswith("gradwatch steps 3-5 |") and "nan steps 1" in line for line in lines)
+    assert "gradwatch summary: 6 steps" in out
+    table_rows = [line for line in lines if line.startswith("│")]
+    assert [row.split("│")[1].strip() for row in table_rows] == ["0", "2"]
+    assert "NaN/Inf started in: step 4: 2.weight" in out
+    assert "\x1b[" not in out  # not a terminal: no colour or cursor codes
+
+
+def test_terminal_output_is_coloured_and_ascii_output_is_plain():
+    console, buffer = _plain_console(force_terminal=True, color_system="standard")
+    _train(gw.ConsoleSink(every=0, console=console), nan_at=2, steps=3)
+    assert "\x1b[1;31mgradwatch ⚠ step 2" in buffer.getvalue()  # bold red alert
+
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="ascii")
+    _train(gw.ConsoleSink(every=0, console=Console(file=stream, width=100)), nan_at=2, steps=3)
+    stream.flush()
+    text = raw.getvalue().decode("ascii")  # would raise on any non-ASCII byte
+    assert "gradwatch ! step 2: NaN in gradient of `2.weight`" in text
+    assert "gradwatch summary: 3 steps" in text and "| 2 " in text
+
+
+def test_window_line_covers_every_step_not_the_last():
+    console, buffer = _plain_console()
+    history = _train(gw.ConsoleSink(every=5, console=console), steps=5, spike_at=1)
+    line = buffer.getvalue().splitlines()[0]
+    assert f"norm {history[-1].global_norm:.4g} " in line
+    assert f"max {history[1].global_norm:.4g})" in line  # the spike at step 1 of the window
+
+
+def test_layer_depth_and_row_folding():
+    console, buffer = _plain_console()
+    _train(gw.ConsoleSink(every=2, console=console, layer_depth=1), steps=2, model=_Net())
+    top = buffer.getvalue().splitlines()[0].split("top: ")[1]
+    assert {part.split(" ")[0] for part in top.split(", ")} == {"encoder", "head"}
+
+    console, buffer = _plain_console()
+    _train(gw.ConsoleSink(every=0, console=console, max_rows=2), steps=2, model=_Net())
+    out = buffer.getvalue()
+    assert "... 1 more layers" in out
+
+
+def test_quiet_options():
+    console, buffer = _plain_console()
+    _train(gw.ConsoleSink(every=0, alerts=False, console=console), nan_at=1, steps=3)
+    out = buffer.getvalue()
+    assert "⚠" not in out and "gradwatch steps" not in out
+    assert "gradwatch summary: 3 steps" in out
+
+
+def test_tqdm_bar_is_cleared_and_redrawn_around_each_line():
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=100)
+    bar = tqdm(total=6, file=buffer, mininterval=0, ascii=True, ncols=60)
+    _train(gw.ConsoleSink(every=3, console=console), nan_at=4, each_step=bar.update)
+    bar.close()
+    out = buffer.getvalue()
+    alert = re.search(r"\r(gradwatch ⚠ step 4: [^\r\n]*)\n\r *\d+%\|", out)
+    assert alert is not None, out  # on its own line, then the bar drawn again below it
+    assert "|" not in alert.group(1).split("`2.weight`")[0]  # no bar text inside the line
+    assert re.search(r"\rgradwatch steps 0-2 \| norm [^\r\n]*\n", out)
+
+
+def test_rich_progress_shares_the_console():
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=100, force_terminal=True, color_system=None)
+    with Progress(console=console, auto_refresh=False) as progress:
+        task = progress.add_task("training", total=6)
+        _train(
+            gw.ConsoleSink(every=3, console=progress.console),
+            nan_at=4,
+            each_step=lambda: progress.update(task, advance=1, refresh=True),
+        )
+    out = buffer.getvalue()
+    # rich erases the bar line, prints ours whole, and draws the bar again after it
+    assert re.search(r"\r\x1b\[2K(gradwatch ⚠ step 4: [^\r\n\x1b]*)\ntraining ", out), out
+    assert re.search(r"\r\x1b\[2Kgradwatch steps 3-5 \| [^\r\n\x1b]*\ntraining ", out)
+
+
+def test_default_console_is_the_one_rich_progress_uses():
+    assert gw.ConsoleSink().console is rich.get_console()
+    with pytest.raises(ConfigTypeError, match=r"console must be a rich\.console\.Console"):
+        gw.ConsoleSink(console=io.StringIO())  # type: ignore[arg-type]

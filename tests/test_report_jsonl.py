@@ -1,0 +1,275 @@
+"""JsonlSink and read_run: real runs written, read back and compared with what the watcher saw."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradwatch as gw
+from gradwatch.errors import ConfigError, GradWatchError
+from gradwatch.records import ParamInfo, ParamNorms, RunStart, StepReport
+from gradwatch.report.jsonl import JsonlSink, RunLogExistsError, decode_float, encode_value
+from gradwatch.report.runlog import RunLogError, RunLogNotFoundError, read_run
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+
+
+def _train(sinks, steps=30, *, nan_at=None, spike_at=None, model=None, **kwargs):
+    """A real GradWatch run; a NaN or a ×1000 spike is injected into the gradients on request."""
+    model = model if model is not None else _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    watch = gw.GradWatch(model, sinks=sinks, **kwargs)
+    for step in range(steps):
+        loss = model(torch.randn(16, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        if step == nan_at:
+            model[2].weight.grad[0, 0] = float("nan")
+        if step == spike_at:
+            for p in model.parameters():
+                p.grad.mul_(1000.0)
+        watch.check(loss=loss)
+        if step not in (nan_at, spike_at):  # the fault stays in one step, at a known place
+            opt.step()
+    summary = watch.close()
+    return watch, summary
+
+
+def _same(a: float, b: float) -> bool:
+    """Equal as float32 (the log keeps float32 statistics exactly), NaN equal to NaN."""
+    return (math.isnan(a) and math.isnan(b)) or np.float32(a) == np.float32(b)
+
+
+def _reject_constants(token: str) -> None:
+    raise AssertionError(f"non-standard JSON constant {token} in the log")
+
+
+def test_round_trip_matches_what_the_watcher_saw(tmp_path):
+    path = tmp_path / "run.jsonl"
+    watch, summary = _train([JsonlSink(path)], nan_at=12, clip=gw.ClipNorm(0.2))
+    history = list(watch.history)
+    log = read_run(path)
+
+    model = _model()
+    assert log.names == tuple(n for n, _ in model.named_parameters())
+    assert [p.shape for p in log.header.params] == [tuple(p.shape) for p in model.parameters()]
+    assert {p.dtype for p in log.header.params} == {"float32"}
+    assert log.header.config["clip"] == {"name": "ClipNorm", "max_norm": 0.2, "norm_type": 2.0}
+    assert log.header.torch_version == torch.__version__
+
+    assert log.step.tolist() == list(range(30))
+    expected = np.stack([r.param_norms.values for r in history])
+    np.testing.assert_array_equal(log.norms.astype(np.float32), expected)  # NaN == NaN here
+    for i, report in enumerate(history):
+        assert _same(log.global_norm[i], report.global_norm)
+        assert _same(log.clip_coef[i], report.clip_coef)
+        assert np.float32(log.loss[i]) == np.float32(report.loss)
+        assert log.nonfinite[i] == bool(report.nonfinite)
+    assert np.nanmin(log.clip_coef) < 1.0  # clipping happened and is recorded
+
+    assert log.first_nonfinite[12] == log.names.index("2.weight")
+    assert np.isnan(log.norms[12, log.names.index("2.weight")])
+    assert [e.kind for e in log.events] == ["nonfinite"]
+    assert log.events[0].step == 12
+    assert log.events[0].params[0] == "2.weight"
+
+    assert log.summary is not None
+    assert log.summary.steps == summary.steps == 30
+    assert log.summary.nonfinite_origins == summary.nonfinite_origins == ((12, "2.weight"),)
+    assert log.summary.clipped_steps == summary.clipped_steps
+    for read, written in zip(log.summary.layers, summary.layers, strict=True):
+        assert read.name == written.name
+        assert _same(read.max, written.max) and _same(read.mean, written.mean)
+        assert read.nonfinite_steps == written.nonfinite_steps
+    assert not log.truncated and log.bad_lines == 0
+
+
+def test_every_line_is_standard_json_with_nan_as_strings(tmp_path):
+    path = tmp_path / "run.jsonl"
+    _train([JsonlSink(path)], steps=15, nan_at=5)
+    lines = path.read_text().splitlines()
+    records = [json.loads(line, parse_constant=_reject_constants) for line in lines]
+    assert [r["type"] for r in records[:2]] == ["header", "step"]
+    assert records[-1]["type"] == "summary"
+    nan_step = next(r for r in records if r["type"] == "step" and r["step"] == 5)
+    assert nan_step["global_norm"] == "NaN"
+    assert "NaN" in nan_step["norms"]
+    assert nan_step["nonfinite"] == [2]  # a position in the header's parameter list
+    assert decode_float("NaN") != decode_float("NaN")  # NaN
+    assert decode_float("-Infinity") == -math.inf and decode_float(None) != decode_float(None)
+    assert encode_value({"a": (math.inf, np.float32(2.5), None)}) == {"a": ["Infinity", 2.5, None]}
+
+
+def test_existing_file_is_refused_and_left_untouched(tmp_path):
+    path = tmp_path / "run.jsonl"
+    path.write_text("precious\n")
+    with pytest.raises(RunLogExistsError) as info:
+        JsonlSink(path)
+    message = str(info.value)
+    assert str(path) in message and 'mode="a"' in message and "new path" in message
+    assert isinstance(info.value, FileExistsError) and isinstance(info.value, GradWatchError)
+    assert path.read_text() == "precious\n"
+
+
+def test_append_mode_refuses_a_file_that_is_not_a_run_log(tmp_path):
+    path = tmp_path / "notes.jsonl"
+    path.write_text('{"note": "mine"}\n')
+    with pytest.raises(RunLogExistsError, match="is not a gradwatch run log"):
+        JsonlSink(path, mode="a")
+    assert path.read_text() == '{"note": "mine"}\n'
+    JsonlSink(tmp_path / "new.jsonl", mode="a").close()  # a new file is fine in append mode
+
+
+def test_append_mode_adds_a_run_and_the_reader_picks_one(tmp_path):
+    path = tmp_path / "run.jsonl"
+    _train([JsonlSink(path)], steps=5)
+    _train([JsonlSink(path, mode="a")], steps=7)
+    assert read_run(path).run_count == 2
+    assert len(read_run(path)) == 7 and read_run(path).run_index == 1
+    assert len(read_run(path, run=0)) == 5
+    with pytest.raises(RunLogError, match=r"run must be in \[-2, 1\]"):
+        read_run(path, run=2)
+
+
+def test_truncated_last_line_is_skipped(tmp_path):
+    path = tmp_path / "run.jsonl"
+    _train([JsonlSink(path)], steps=10)
+    lines = path.read_bytes().splitlines(keepends=True)
+    killed = b"".join(lines[:-2]) + lines[-2][: len(lines[-2]) // 2]  # killed mid-step, no summary
+    path.write_bytes(killed)
+    log = read_run(path)
+    assert log.truncated and log.bad_lines == 0
+    assert len(log) == 9 and log.summary is None
+    computed = log.summarize()
+    assert computed.steps == 9 and computed.last_step == 8
+    assert [layer.name for layer in computed.layers] == ["0", "2", "4"]
+
+
+def test_appending_after_a_killed_run_starts_on_a_fresh_line(tmp_path):
+    path = tmp_path / "run.jsonl"
+    _train([JsonlSink(path)], steps=6)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 40])  # the summary line cut short
+    _train([JsonlSink(path, mode="a")], steps=4)
+    assert len(read_run(path)) == 4
+    first = read_run(path, run=0)
+    assert len(first) == 6 and first.bad_lines == 1 and first.summary is None
+
+
+def test_every_n_keeps_window_statistics(tmp_path):
+    path = tmp_path / "run.jsonl"
+    detector = gw.SpikeDetector(warmup=3)
+    watch, summary = _train(
+        [JsonlSink(path, every=4)], steps=25, spike_at=9, spike_detector=detector, history=64
+    )
+    history = list(watch.history)
+    log = read_run(path)
+    assert log.every == 4
+    assert log.step.tolist() == [3, 7, 11, 15, 19, 23, 24]  # the last, partial window is kept
+    assert log.window_steps.tolist() == [4, 4, 4, 4, 4, 4, 1]
+    norms = np.array([r.global_norm for r in history])
+    # the spike at step 9 is the peak of the window 8-11 although step 11 was the one written
+    assert log.peak_global_norm[2] == pytest.approx(norms[8:12].max(), rel=1e-6)
+    assert log.global_norm[2] == pytest.approx(norms[11], rel=1e-6)
+    per_param = np.stack([r.param_norms.values for r in history])
+    np.testing.assert_allclose(log.peak_norms[2], per_param[8:12].max(axis=0), rtol=1e-6)
+    assert [e.step for e in log.events if e.kind == "spike"] == [9]  # events are never sampled
+    computed = log.summarize()
+    assert computed.steps == 25 and computed.spikes == summary.spikes == 1
+    assert computed.global_max == pytest.approx(summary.global_max, rel=1e-6)
+
+
+class _WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _model()
+        self.unused = nn.Linear(2, 2)  # never in the forward pass: no gradient
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_parameter_without_gradient_is_null_not_nan(tmp_path):
+    path = tmp_path / "run.jsonl"
+    _train([JsonlSink(path)], steps=3, model=_WithUnused())
+    step = json.loads(path.read_text().splitlines()[1])
+    assert step["norms"][-2:] == [None, None]
+    log = read_run(path)
+    column = log.names.index("unused.weight")
+    assert not log.present[:, column].any() and np.isnan(log.norms[:, column]).all()
+    assert log.present[:, 0].all()
+    assert np.isnan(log.layer_norms()[:, log.layer_names().index("unused")]).all()
+
+
+def test_long_log_reads_back_exactly(tmp_path):
+    """More rows than one parsing chunk (4096), with NaN and Inf among them."""
+    names = tuple(f"layers.{i}.weight" for i in range(6))
+    path = tmp_path / "long.jsonl"
+    sink = JsonlSink(path)
+    sink.write(RunStart("test", "test", tuple(ParamInfo(n, (3,), "float32") for n in names), {}, 0))
+    values = np.random.default_rng(0).random((5000, 6)).astype(np.float32)
+    values[4500, 3], values[1000, 1] = np.nan, np.inf
+    for i, row in enumerate(values):
+        finite = bool(np.isfinite(row).all())
+        sink.write(
+            StepReport(
+                i,
+                global_norm=float(np.linalg.norm(row)),
+                clipped_norm=float(np.linalg.norm(row)),
+                clip_coef=1.0,
+                param_norms=ParamNorms(names, row),
+                nonfinite=() if finite else (names[int(np.argmin(np.isfinite(row)))],),
+                spike=False,
+                loss_spike=False,
+                skipped=False,
+                loss=None,
+            )
+        )
+    sink.close()
+    log = read_run(path)
+    np.testing.assert_array_equal(log.norms.astype(np.float32), values)
+    assert log.nonfinite.sum() == 2 and np.isnan(log.loss).all()
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"", "is empty"),
+        (b"\n\n", "is empty"),
+        (b"hello world\n", "not a gradwatch run log"),
+        (b'{"type": "step", "step": 0}\n', "not a gradwatch run log"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "not a gradwatch run log"),
+        (b'{"type":"header","format":"gradwatch.jsonl","params":[{"na', "ends inside its header"),
+        (b'{"type":"header","format":"gradwatch.jsonl","format_version":99}\n', "newer"),
+    ],
+)
+def test_unreadable_logs_raise_one_clear_error(tmp_path, content, match):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(RunLogError, match=match) as info:
+        read_run(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_log(tmp_path):
+    with pytest.raises(RunLogNotFoundError, match="does not exist") as info:
+        read_run(tmp_path / "nope.jsonl")
+    assert isinstance(info.value, FileNotFoundError)
+    with pytest.raises(RunLogError, match="is a directory"):
+        read_run(tmp_path)
+
+
+def test_invalid_arguments_name_the_argument(tmp_path):
+    with pytest.raises(ConfigError, match="every must be an int >= 1, got 0"):
+        JsonlSink(tmp_path / "a.jsonl", every=0)
+    with pytest.raises(ConfigError, match="mode"):
+        JsonlSink(tmp_path / "b.jsonl", mode="w")  # type: ignore[arg-type]
+    assert not (tmp_path / "a.jsonl").exists() and not (tmp_path / "b.jsonl").exists()
