@@ -133,6 +133,8 @@ class StepReport:
     @classmethod
     def _deferred(cls, step: int, resolve: Callable[[], None]) -> StepReport:
         report = cls(step)
+        for name in _LAZY_FIELDS:  # every field but step waits for the resolver
+            object.__setattr__(report, name, _UNSET)
         object.__setattr__(report, "_resolve", resolve)
         return report
 
@@ -172,6 +174,9 @@ class StepReport:
     def __setstate__(self, state: dict[str, Any]) -> None:
         for name, value in state.items():
             object.__setattr__(self, name, value)
+
+
+_LAZY_FIELDS = tuple(f.name for f in fields(StepReport) if f.name != "step")
 
 
 @dataclass(frozen=True)

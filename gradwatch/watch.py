@@ -9,6 +9,8 @@ The step path therefore never waits for the device, except where a policy must d
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import math
 import time
 import weakref
@@ -18,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from gradwatch._version import __version__
@@ -68,8 +71,13 @@ from gradwatch.report.base import Sink, SinkGroup, StepAggregator
 
 __all__ = ["BackwardScope", "GradWatch"]
 
-DRAIN_BATCH = 32
-"""Rows emitted together when nothing urgent happened (alerts are emitted at once)."""
+DRAIN_BATCH = 1
+"""Rows emitted together when nothing urgent happened (alerts are always emitted at once).
+
+1: every step reaches the sinks as soon as its row is on the host (at once on CPU, about a step
+later on accelerators), so a killed process loses no completed step and the console's lines come
+in order with the training loop's own prints. Per-layer aggregation is batched inside
+StepAggregator, so this costs little."""
 
 
 @dataclass
@@ -231,6 +239,10 @@ class GradWatch:
         if log_rank is not None and is_distributed() and rank() != log_rank:
             sinks = []  # statistics are still computed here; only log_rank reports them
         self._sinks = SinkGroup(sinks)
+        # Never closed by the user: close the sinks when collected, close fully at exit.
+        self._sink_finalizer = weakref.finalize(self, SinkGroup.close, self._sinks)
+        self._exit_hook = _close_at_exit(weakref.ref(self))
+        atexit.register(self._exit_hook)
         self._blame: RankBlame | None = None
         if rank_blame:
             if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -241,6 +253,8 @@ class GradWatch:
             self._blame = RankBlame(first.device)
             self._blame.install(model)
         self._micro = MicroBatchNorms(watched.params) if track_micro_batches else None
+        if self._micro is not None:
+            weakref.finalize(self, MicroBatchNorms.remove, self._micro)
         activations = None
         if forensics:
             activations = ActivationProbe(unwrap_model(model), watched, first.device, dtype)
@@ -329,14 +343,17 @@ class GradWatch:
             loss: The loss being backpropagated (tensor or float), for loss-spike detection.
         """
         self._ensure_open("backward")
+        detached = _detached(loss) if loss is not None else None  # validate before backward runs
         if self._micro_batches == 0:
             self._arrivals.clear()
+        if self._micro is not None:
+            self._micro.begin()
         scope = BackwardScope()
         yield scope
         if self._micro is not None:
             self._micro.end()
-        if loss is not None:
-            self._micro_losses.append(_detached(loss))
+        if detached is not None:
+            self._micro_losses.append(detached)
         self._micro_batches += 1
         if self._guard is None and self._micro_batches >= self.accumulation_steps:
             scope.report = self._check(None, skip_reason=None, from_optimizer=False)
@@ -407,6 +424,8 @@ class GradWatch:
         if self._micro is not None:
             self._micro.remove()
         self._finalizer.detach()
+        self._sink_finalizer.detach()
+        atexit.unregister(self._exit_hook)
         self._sinks.write(self._final)
         self._sinks.close()
         return self._final
@@ -427,6 +446,7 @@ class GradWatch:
             "loss_detector": self.loss_detector.state_dict(),
             "baseline": self._baseline.state_dict(),
             "clip": self.clipper.state_dict() if self.clipper is not None else {},
+            "health": self.health_detector.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -447,6 +467,8 @@ class GradWatch:
         self._baseline.load_state_dict(state["baseline"])
         if self.clipper is not None:
             self.clipper.load_state_dict(state["clip"])
+        if "health" in state:
+            self.health_detector.load_state_dict(state["health"])
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"step={self._step}"
@@ -655,11 +677,15 @@ class GradWatch:
             )
         threshold = self.spike_detector.threshold
         spike = self.spike_detector.update(global_norm)
+        present = norms
+        if positions is not None:  # parameters without a gradient neither lead nor learn
+            present = np.full_like(norms, np.nan)
+            present[positions] = norms[positions]
         culprits: tuple[str, ...] = ()
         if spike:
-            culprits = tuple(self.names[i] for i in self._baseline.culprits(norms))
-        if positions is None and not nonfinite:
-            self._baseline.update(norms)
+            culprits = tuple(self.names[i] for i in self._baseline.culprits(present))
+        if not nonfinite:
+            self._baseline.update(present)
         loss = float(row[LOSS]) if pending.has_loss else None
         loss_spike = self.loss_detector.update(loss) if loss is not None else False
         coef = float(row[COEF])
@@ -687,7 +713,13 @@ class GradWatch:
         origin = self.health_detector.update(
             report, norms, positions, pending.arrivals, pending.probe
         )
-        if nonfinite or spike or loss_spike or pending.skip_reason:
+        if (
+            nonfinite
+            or spike
+            or loss_spike
+            or pending.skip_reason
+            or not math.isfinite(global_norm)
+        ):
             for event in self._events(report, pending.action, origin):
                 self._sinks.write(event)
 
@@ -724,10 +756,22 @@ class GradWatch:
                     f"{'; loss ' + _fmt(report.loss) if report.loss is not None else ''}; {done}"
                 )
             events.append(Event(report.step, "nonfinite", message, report.nonfinite, data))
+        elif not math.isfinite(report.global_norm):
+            largest = max(report.param_norms.items(), key=lambda kv: kv[1], default=("?", 0.0))
+            message = (
+                f"step {report.step}: the global gradient norm overflowed to "
+                f"{_fmt(report.global_norm)} although every parameter's gradient norm is finite "
+                f"(largest: {largest[0]} {_fmt(largest[1])}); clipping by this norm zeroes the "
+                f"step; {taken or 'reported'}"
+            )
+            data = {"global_norm": report.global_norm, "largest": largest[0]}
+            events.append(Event(report.step, "nonfinite", message, (largest[0],), data))
         if report.spike:
             threshold = report.spike_threshold or math.nan
             drivers = ", ".join(report.spike_params) or "no single parameter"
-            what = taken or {"clip": f"clipped to {_fmt(threshold)}"}.get(self.on_spike, "reported")
+            what = taken or (
+                f"clipped to {_fmt(report.clipped_norm)}" if report.clipped else "reported"
+            )
             message = (
                 f"step {report.step}: gradient norm spike {_fmt(report.global_norm)} "
                 f"(threshold {_fmt(threshold)}); driven by {drivers}; {what}"
@@ -797,6 +841,18 @@ class GradWatch:
             },
         }
         return RunStart(__version__, torch.__version__, params, config, time.time())
+
+
+def _close_at_exit(ref: weakref.ReferenceType[GradWatch]) -> Any:
+    """An atexit hook closing the watcher if the program ends without ``close()``."""
+
+    def hook() -> None:
+        watch = ref()
+        if watch is not None and not watch.closed:
+            with contextlib.suppress(Exception):
+                watch.close()
+
+    return hook
 
 
 def _flagged(flags: torch.Tensor | None) -> tuple[int, ...]:

@@ -56,3 +56,35 @@ def clone_with_grads(model: nn.Module) -> nn.Module:
     for p, q in zip(model.parameters(), twin.parameters()):
         q.grad = None if p.grad is None else p.grad.clone()
     return twin
+
+
+class PendingCopy:
+    """Stands in for a CUDA event on this CPU-only machine: the copy lands only when waited on."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.done = True
+
+
+def defer_host_copies(watch) -> None:
+    """Make ``watch`` behave as on an accelerator whose device->host copies are still in flight.
+
+    Rows go through a separate host buffer (as pinned memory does) and become readable only when
+    the watcher waits for them, so reports stay unresolved until something reads them.
+    """
+    ring = watch._ring
+    ring._shared = False
+    ring._host_tensor = torch.zeros(ring.rows.shape, dtype=ring.rows.dtype)
+    ring.host = ring._host_tensor.numpy()
+    commit = ring.commit
+
+    def deferred_commit(number: int) -> None:
+        commit(number)
+        ring._events[number % ring.capacity] = PendingCopy()
+
+    ring.commit = deferred_commit

@@ -242,11 +242,6 @@ def test_accepted_silently_or_unclear(call, pattern) -> None:
     assert isinstance(info.value, gw.GradWatchError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: backward(loss=...) validates the loss only after the backward pass ran, so a bad "
-    "loss leaves gradients accumulated and the step unchecked",
-)
 def test_backward_rejects_a_bad_loss_before_backward_runs() -> None:
     model = _linear()
     watch = gw.GradWatch(model, sinks=[])

@@ -161,3 +161,22 @@ def test_nan_never_enters_running_statistics() -> None:
     assert summary.nonfinite_steps == 2
     assert math.isfinite(summary.global_mean) and math.isfinite(summary.global_max)
     assert all(math.isfinite(layer.max) for layer in summary.layers)
+
+
+def test_global_norm_overflow_with_finite_parameters_is_reported() -> None:
+    events = []
+
+    class Collect(gw.Sink):
+        def write(self, record) -> None:
+            if isinstance(record, gw.Event):
+                events.append(record)
+
+    model = mlp(depth=2)
+    watch = gw.GradWatch(model, sinks=[Collect()])
+    model(torch.randn(4, 8)).sum().backward()
+    for p in model.parameters():  # each norm 1.5e19 is finite; the sum of their squares is not
+        p.grad.fill_(1.5e19 / math.sqrt(p.numel()))
+    report = watch.check()
+    assert report.nonfinite == () and math.isinf(report.global_norm)
+    assert [e.kind for e in events] == ["nonfinite"]
+    assert "overflowed" in events[0].message and "finite" in events[0].message

@@ -170,12 +170,6 @@ def test_dropped_watch_is_collected_and_removes_its_hooks() -> None:
     model(torch.randn(4, 8)).sum().backward()  # the model trains on without gradwatch
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: with track_micro_batches=True a dropped (garbage-collected) watch leaves its "
-    "per-parameter tensor hooks behind (no finalizer for MicroBatchNorms): every later backward "
-    "still runs them and appends one tensor per parameter to a list nobody empties",
-)
 def test_dropped_watch_removes_micro_batch_hooks() -> None:
     model, bare = _drop_watch(track_micro_batches=True)
     for _ in range(10):

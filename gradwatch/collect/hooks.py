@@ -69,6 +69,10 @@ class MicroBatchNorms:
         local = grad.to_local() if hasattr(grad, "to_local") else grad
         self._current.append(torch.linalg.vector_norm(local, dtype=torch.float32))
 
+    def begin(self) -> None:
+        """Open a micro-batch: forget anything an interrupted backward left behind."""
+        self._current = []
+
     def end(self) -> None:
         """Close the current micro-batch (call after its backward)."""
         if self._current:

@@ -85,11 +85,14 @@ class GradBatch:
         params: Parameters that have a gradient, in the watcher's order.
         positions: Their positions in the watcher's parameter list (None when all are present).
         groups: The same gradients grouped by device and dtype (and mesh, when sharded).
+        l2_norms: The present gradients' L2 norms in group order, once computed (None when they
+            were written straight into the stats row).
     """
 
     params: list[Tensor]
     positions: list[int] | None
     groups: list[GradGroup]
+    l2_norms: Tensor | None = None
 
     def grouped(self) -> list[tuple[torch.device, list[Tensor]]]:
         """``(device, local grads)`` per group, the unit in-place foreach kernels operate on."""
@@ -168,6 +171,7 @@ class GradCollector:
 
         Parameters without a gradient get 0.
         """
+        batch.l2_norms = None
         if self._direct and batch.positions is None:
             (group,) = batch.groups
             torch.stack(foreach_norms(self.device, group.grads, 2.0), out=out)
@@ -175,6 +179,7 @@ class GradCollector:
         norms = torch.cat(
             [g.norms(2.0).to(self.device, self.dtype, non_blocking=True) for g in batch.groups]
         )
+        batch.l2_norms = norms  # the present norms in group order: torch reduces them so
         if batch.positions is None and self._identity_order:
             out.copy_(norms)
             return
@@ -194,7 +199,9 @@ class GradCollector:
         vector of per-parameter norms is the norm of all gradients concatenated.
         """
         if norm_type == 2.0:
-            torch.linalg.vector_norm(param_norms, 2.0, out=out)
+            # Same values in the same order as torch's get_total_norm: bit-identical results.
+            present = param_norms if batch.l2_norms is None else batch.l2_norms
+            torch.linalg.vector_norm(present, 2.0, out=out)
             return
         out.copy_(batch.total_norm(norm_type, self.device, self.dtype))
 

@@ -456,7 +456,7 @@ class HealthDetector:
         weights = self._probe.latest_weights()
         state: dict[str, Any] = {name: getattr(self, name).tolist() for name in self._ARRAYS}
         (filled,) = np.nonzero(self.hist)
-        state["hist"] = {int(i): int(self.hist[i]) for i in filled}
+        state["hist"] = {str(int(i)): int(self.hist[i]) for i in filled}
         state.update(
             names=list(self.names),
             dead_after=self.dead_after,

@@ -1,0 +1,40 @@
+"""Smoke test of benchmarks/overhead.py: runs, exits 0, prints ratio rows (no timing checks)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
+
+
+def test_overhead_quick_mlp_prints_ratios() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--models",
+            "mlp",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"torch {__import__('torch').__version__}" in out
+    rows = [line for line in out.splitlines() if line.startswith("mlp ")]
+    measures = " ".join(rows)
+    assert "clip_grad_norm_" in measures and "bare step" in measures
+    # every row carries a ratio "1.234x [p25-p75]" and a verdict
+    assert rows and all(re.search(r"\d+\.\d{3}x \[\d+\.\d{3}-\d+\.\d{3}\]", r) for r in rows)
+    assert "host-sync calls per step" in out
+    assert "Traceback" not in result.stderr
