@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from gradwatch._version import __version__
 
@@ -33,8 +34,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gradwatch`` console script; returns the exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command == "demo":
+        if args.steps < 1:
+            parser.error(f"--steps must be an int >= 1, got {args.steps}")
+        if args.log and not Path(args.log).resolve().parent.is_dir():
+            parser.error(f"argument --log: directory of {args.log!r} does not exist")
         from gradwatch.demo import run_demo
 
         return run_demo(steps=args.steps, log=args.log)

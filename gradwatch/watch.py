@@ -167,6 +167,11 @@ class GradWatch:
         forensics: bool = False,
         health_detector: HealthDetector | None = None,
     ) -> None:
+        if isinstance(clip, type):
+            raise ConfigTypeError(
+                f"clip must be a clipper instance such as {clip.__name__}(...), "
+                f"got the class {clip.__name__}"
+            )
         if clip is not None and not isinstance(clip, Clipper):
             raise ConfigTypeError(
                 "clip must be a gradwatch clipper such as ClipNorm(1.0) or ClipValue(0.5), "
@@ -208,6 +213,11 @@ class GradWatch:
                 f"sinks must be a list of sinks or None, got {type(sinks).__name__}"
             )
         for i, sink in enumerate(sinks):
+            if isinstance(sink, type):
+                raise ConfigTypeError(
+                    f"sinks[{i}] must be a sink instance, got the class {sink.__name__}; "
+                    f"create an instance: {sink.__name__}(...)"
+                )
             if not callable(getattr(sink, "write", None)):
                 raise ConfigTypeError(
                     f"sinks[{i}] must have a write(record) method (subclass gradwatch.Sink), "
@@ -234,8 +244,16 @@ class GradWatch:
         self._history: deque[StepReport] = deque(maxlen=history)
         self._pending: dict[int, _Pending] = {}
         self._aggregator = StepAggregator(self.names, depth=layer_depth)
-        if log_rank is not None and not isinstance(log_rank, int):
-            raise ConfigTypeError(f"log_rank must be an int or None, got {log_rank!r}")
+        if log_rank is not None and (
+            not isinstance(log_rank, int) or isinstance(log_rank, bool) or log_rank < 0
+        ):
+            raise ConfigTypeError(f"log_rank must be an int >= 0 or None, got {log_rank!r}")
+        for flag, value in (
+            ("rank_blame", rank_blame),
+            ("track_micro_batches", track_micro_batches),
+        ):
+            if not isinstance(value, bool):
+                raise ConfigTypeError(f"{flag} must be True or False, got {value!r}")
         if log_rank is not None and is_distributed() and rank() != log_rank:
             sinks = []  # statistics are still computed here; only log_rank reports them
         self._sinks = SinkGroup(sinks)
@@ -455,6 +473,18 @@ class GradWatch:
         Raises:
             ValueError: The state was saved from a watcher over different parameters.
         """
+        if not isinstance(state, dict):
+            raise ConfigTypeError(
+                "state must be a dict returned by GradWatch.state_dict(), "
+                f"got {type(state).__name__}"
+            )
+        required = ("names", "step", "spike_detector", "loss_detector", "baseline", "clip")
+        missing = [key for key in required if key not in state]
+        if missing:
+            raise ConfigError(
+                f"state is missing {', '.join(repr(k) for k in missing)}: pass what "
+                "GradWatch.state_dict() returned"
+            )
         if list(state.get("names", [])) != list(self.names):
             raise ConfigError(
                 "state was saved from a watcher over different parameters "

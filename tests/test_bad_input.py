@@ -232,10 +232,6 @@ _SILENT = [
 
 @pytest.mark.parametrize(("call", "pattern"), _SILENT)
 @pytest.mark.filterwarnings("ignore::gradwatch.GradWatchWarning")  # the disabled sink class
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: argument accepted silently or rejected without naming the value (see the id)",
-)
 def test_accepted_silently_or_unclear(call, pattern) -> None:
     with pytest.raises((TypeError, ValueError), match=pattern) as info:
         call()
@@ -251,9 +247,6 @@ def test_backward_rejects_a_bad_loss_before_backward_runs() -> None:
     assert model.weight.grad is None  # the body never ran
 
 
-@pytest.mark.xfail(
-    strict=True, reason="bug (runlog.py): read_run(run='0') fails with a bare TypeError on '<='"
-)
 def test_read_run_rejects_a_run_of_the_wrong_type(tmp_path: Path) -> None:
     model = mlp(depth=1)
     with gw.GradWatch(model, sinks=[JsonlSink(tmp_path / "run.jsonl")]) as watch:
@@ -295,7 +288,6 @@ def test_cli_rejects_bad_arguments(argv, pattern, capsys) -> None:
 
 
 @pytest.mark.parametrize("steps", ["-1", "0"])
-@pytest.mark.xfail(strict=True, reason="bug (cli.py): `gradwatch demo --steps -1` runs, exit 0")
 def test_cli_demo_rejects_non_positive_steps(steps: str, tmp_path: Path, capsys) -> None:
     code, err = _cli(["demo", "--steps", steps, "--log", str(tmp_path / "d.jsonl")], capsys)
     assert code == 2
@@ -309,11 +301,6 @@ def test_cli_report_missing_file_is_one_line(tmp_path: Path, capsys) -> None:
     assert len(err.strip().splitlines()) == 1 and str(missing) in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (cli.py/demo.py): `gradwatch demo --log DIR/MISSING/x.jsonl` ends in a "
-    "FileNotFoundError traceback instead of exit 2 and one line",
-)
 def test_cli_demo_unwritable_log_is_one_line(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "missing" / "demo.jsonl"
     code, err = _cli(["demo", "--steps", "1", "--log", str(bad)], capsys)

@@ -343,7 +343,15 @@ class ClipUnitwise(Clipper):
     ) -> None:
         self.clipping = check_positive("ClipUnitwise(clipping)", clipping)
         self.eps = check_positive("ClipUnitwise(eps)", eps)
-        items = [exclude] if isinstance(exclude, (str, Tensor, nn.Module)) else list(exclude)
+        if isinstance(exclude, (str, Tensor, nn.Module)):
+            items = [exclude]
+        elif isinstance(exclude, Iterable):
+            items = list(exclude)
+        else:
+            raise ConfigTypeError(
+                "ClipUnitwise(exclude) must be a module, a parameter, a name or an iterable of "
+                f"them, got {exclude!r}"
+            )
         self._labels: list[str] = []
         self._names: list[str] = []
         self._tensors: list[Tensor] = []  # kept alive so their ids stay theirs

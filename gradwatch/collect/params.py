@@ -69,8 +69,7 @@ def resolve_params(model: object) -> WatchedParams:
     for item in named:
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor)):
             raise ConfigTypeError(
-                "model must yield (name, parameter) pairs, "
-                f"got an item of type {type(item).__name__}"
+                f"model must yield (name, parameter) pairs, got {item!r} ({type(item).__name__})"
             )
         name, p = item
         if id(p) in seen or not p.requires_grad:

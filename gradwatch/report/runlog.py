@@ -244,6 +244,8 @@ def read_run(path: str | os.PathLike[str], *, run: int = -1) -> RunLog:
         lines.pop()  # the empty string after the final newline
     headers = _headers(path, lines, complete)
     count = len(headers)
+    if not isinstance(run, int) or isinstance(run, bool):
+        raise RunLogError(f"run must be an int (0 = first run, -1 = last), got {run!r}")
     if not -count <= run < count:
         raise RunLogError(f"run must be in [{-count}, {count - 1}] for {str(path)!r}, got {run}")
     index = run % count
