@@ -316,11 +316,6 @@ def test_torn_last_line_is_skipped(killed_run, tmp_path: Path) -> None:
     assert (cut.global_norm == whole.global_norm[:-1]).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: steps are emitted in batches of 32 (watch.DRAIN_BATCH) even on CPU, so a "
-    "SIGKILL loses up to 31 completed steps unless the loop calls watch.flush() every step",
-)
 def test_every_completed_step_survives_sigkill_without_flush(killed_run) -> None:
     plain, _, done = killed_run
     assert list(read_run(plain).step[: done + 1]) == list(range(done + 1))

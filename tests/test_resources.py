@@ -265,12 +265,6 @@ def test_unclosed_watch_exits_cleanly(unclosed) -> None:
     assert "hooks left on the dropped watch's model: 0" in result.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a watch that is never closed is not closed at interpreter exit: the weakref "
-    "finalizer only removes hooks, so the pending steps (up to 31) and the summary never reach "
-    "the sinks and the JSONL file is left unclosed",
-)
 def test_unclosed_watch_is_closed_at_interpreter_exit(unclosed) -> None:
     from gradwatch.report.runlog import read_run
 
