@@ -21,20 +21,60 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from gradwatch.records import StepReport
-from gradwatch.report.base import StepAggregator
+from gradwatch.report.base import Sink, StepAggregator
+from gradwatch.watch import GradWatch
 
-__all__ = ["AfterBackward", "WindowStats", "post_clip_norm"]
+__all__ = ["AfterBackward", "WindowStats", "post_clip_norm", "start_watch"]
 
 PREFIX = "grad_norm/"
 """Namespace of every metric key the adapters log."""
 
 UNCLIPPED = 1.0 - 1e-5
 """A clip coefficient measured from two norms counts as 1.0 (nothing clipped) above this."""
+
+
+def start_watch(
+    callback: Any,
+    model: torch.nn.Module,
+    *,
+    console: Callable[[Any], Sink],
+    is_main_process: bool,
+    framework_clips: bool,
+) -> tuple[GradWatch, WindowStats]:
+    """The watcher and logging window of a framework callback, built from its settings.
+
+    Args:
+        callback: A gradwatch framework callback (``clip``, ``on_nonfinite``, ``on_spike``,
+            ``sinks``, ``top_k``, ``watch_options`` attributes).
+        model: The module being trained.
+        console: Builds the callback's default console sink (used when ``sinks`` is None).
+        is_main_process: Only the main process gets the default console sink.
+        framework_clips: The framework clips the gradients itself (windows then report it).
+    """
+    sinks = callback.sinks
+    if sinks is None:
+        sinks = [console(callback)] if is_main_process else []
+    watch = GradWatch(
+        model,
+        clip=callback.clip,
+        on_nonfinite=callback.on_nonfinite,
+        on_spike=callback.on_spike,
+        sinks=sinks,
+        **callback.watch_options,
+    )
+    window = WindowStats(
+        watch.names,
+        top_k=callback.top_k,
+        layer_depth=callback.watch_options.get("layer_depth"),
+        clips=callback.clip is not None or framework_clips,
+    )
+    return watch, window
 
 
 def post_clip_norm(params: Sequence[torch.Tensor], norm_type: float) -> torch.Tensor | None:

@@ -34,7 +34,7 @@ from gradwatch._optional import MissingExtraError, require
 from gradwatch.act.clip import Clipper
 from gradwatch.config import NonFinitePolicy, SpikePolicy, check_int
 from gradwatch.errors import ConfigError
-from gradwatch.integrations import WindowStats, post_clip_norm
+from gradwatch.integrations import WindowStats, post_clip_norm, start_watch
 from gradwatch.records import RunSummary, StepReport
 from gradwatch.report.base import Sink
 from gradwatch.report.console import ConsoleSink
@@ -137,26 +137,16 @@ class GradWatchCallback(pl.Callback):
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._close()
-        sinks = self.sinks
-        if sinks is None:
-            sinks = [_LightningConsole(self)] if trainer.is_global_zero else []
-        self.watch = GradWatch(
+        self._lightning_clips = bool(trainer.gradient_clip_val) or _overrides_clipping(pl_module)
+        self.watch, self._window = start_watch(
+            self,
             pl_module,
-            clip=self.clip,
-            on_nonfinite=self.on_nonfinite,
-            on_spike=self.on_spike,
-            sinks=sinks,
-            **self.watch_options,
+            console=_LightningConsole,
+            is_main_process=trainer.is_global_zero,
+            framework_clips=self._lightning_clips,
         )
         self._params = [p for p in pl_module.parameters() if p.requires_grad]
-        self._lightning_clips = bool(trainer.gradient_clip_val) or _overrides_clipping(pl_module)
         self._skips = "skip" in (self.on_nonfinite, self.on_spike)
-        self._window = WindowStats(
-            self.watch.names,
-            top_k=self.top_k,
-            layer_depth=self.watch_options.get("layer_depth"),
-            clips=self.clip is not None or self._lightning_clips,
-        )
         self._handles = [
             opt.register_step_pre_hook(self._before_step) for opt in trainer.optimizers
         ]

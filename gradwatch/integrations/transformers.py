@@ -40,7 +40,7 @@ from gradwatch._optional import require
 from gradwatch.act.clip import Clipper
 from gradwatch.config import NonFinitePolicy, SpikePolicy, check_int
 from gradwatch.errors import ConfigError, GradWatchWarning
-from gradwatch.integrations import AfterBackward, WindowStats, post_clip_norm
+from gradwatch.integrations import AfterBackward, WindowStats, post_clip_norm, start_watch
 from gradwatch.records import RunSummary, StepReport
 from gradwatch.report.base import Sink
 from gradwatch.report.console import ConsoleSink
@@ -131,26 +131,16 @@ class GradWatchCallback(_transformers.TrainerCallback):
                 "reports the norm before and after the Trainer's clipping)"
             )
         model = kwargs["model"]
-        sinks = self.sinks
-        if sinks is None:
-            sinks = [_TrainerConsole(self)] if state.is_world_process_zero else []
-        self.watch = GradWatch(
+        self._trainer_clips = max_norm > 0
+        self.watch, self._window = start_watch(
+            self,
             model,
-            clip=self.clip,
-            on_nonfinite=self.on_nonfinite,
-            on_spike=self.on_spike,
-            sinks=sinks,
-            **self.watch_options,
+            console=_TrainerConsole,
+            is_main_process=state.is_world_process_zero,
+            framework_clips=self._trainer_clips,
         )
         self._params = [p for p in model.parameters() if p.requires_grad]
-        self._trainer_clips = max_norm > 0
         self._skips = "skip" in (self.on_nonfinite, self.on_spike)  # else no need to read a report
-        self._window = WindowStats(
-            self.watch.names,
-            top_k=self.top_k,
-            layer_depth=self.watch_options.get("layer_depth"),
-            clips=self.clip is not None or self._trainer_clips,
-        )
         scaler = getattr(kwargs.get("optimizer"), "scaler", None)
         self._check_before_step = scaler is not None and scaler.is_enabled()
         if self._check_before_step:
