@@ -20,9 +20,10 @@ number of threads. Each round gives one paired ratio; the table shows the median
 interquartile range. A verdict is ``PASS``/``MISS`` when the whole IQR is on one side of the
 target, ``PASS~``/``MISS~`` when the median is but the IQR straddles it (within noise).
 
-Run ``python benchmarks/overhead.py`` (about 2-3 min on 2 CPU cores), ``--quick`` for a smoke run,
-``--models gpt,mlp`` for a subset, ``--device cpu|cuda|all``, ``--breakdown`` for where check()
-spends its time. Always exits 0: this is a measurement, not a test.
+Run ``python benchmarks/overhead.py`` (about 1.5 min on 2 idle CPU cores), ``--quick`` for a smoke
+run (under 10 s plus imports), ``--models gpt,mlp`` for a subset, ``--device cpu|cuda|all``,
+``--breakdown`` for where check() spends its time. Exits 0 whatever it measures (a measurement, not
+a test); only bad arguments exit 2.
 """
 
 from __future__ import annotations

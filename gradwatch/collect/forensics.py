@@ -36,7 +36,7 @@ from gradwatch.errors import ConfigTypeError
 
 __all__ = ["ActivationProbe", "ActivationRow", "Probe", "StepProbe"]
 
-WEIGHT_EVERY = 32
+WEIGHT_EVERY = 256
 """Checks between two samples of the weights' norms (they change slowly)."""
 
 _MAX_CALLS = 1 << 16
