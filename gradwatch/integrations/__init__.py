@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradwatch.records import StepReport
-from gradwatch.report.base import Sink, StepAggregator
+from gradwatch.records import RunSummary, StepReport
+from gradwatch.report.base import StepAggregator
+from gradwatch.report.console import ConsoleSink
 from gradwatch.watch import GradWatch
 
-__all__ = ["AfterBackward", "WindowStats", "post_clip_norm", "start_watch"]
+__all__ = ["AfterBackward", "CallbackConsole", "WindowStats", "post_clip_norm", "start_watch"]
 
 PREFIX = "grad_norm/"
 """Namespace of every metric key the adapters log."""
@@ -39,11 +40,22 @@ UNCLIPPED = 1.0 - 1e-5
 """A clip coefficient measured from two norms counts as 1.0 (nothing clipped) above this."""
 
 
+class CallbackConsole(ConsoleSink):
+    """A callback's default console: alerts as they happen and the final table, counting the
+    steps the framework clipped (the watcher itself does not see that clipping)."""
+
+    def __init__(self, callback: Any) -> None:
+        super().__init__(every=0)
+        self._callback = callback
+
+    def render_summary(self, s: RunSummary) -> Any:
+        return super().render_summary(self._callback._count_clipped(s))
+
+
 def start_watch(
     callback: Any,
     model: torch.nn.Module,
     *,
-    console: Callable[[Any], Sink],
     is_main_process: bool,
     framework_clips: bool,
 ) -> tuple[GradWatch, WindowStats]:
@@ -53,13 +65,13 @@ def start_watch(
         callback: A gradwatch framework callback (``clip``, ``on_nonfinite``, ``on_spike``,
             ``sinks``, ``top_k``, ``watch_options`` attributes).
         model: The module being trained.
-        console: Builds the callback's default console sink (used when ``sinks`` is None).
-        is_main_process: Only the main process gets the default console sink.
+        is_main_process: Only the main process gets the default :class:`CallbackConsole`
+            (used when the callback's ``sinks`` is None).
         framework_clips: The framework clips the gradients itself (windows then report it).
     """
     sinks = callback.sinks
     if sinks is None:
-        sinks = [console(callback)] if is_main_process else []
+        sinks = [CallbackConsole(callback)] if is_main_process else []
     watch = GradWatch(
         model,
         clip=callback.clip,

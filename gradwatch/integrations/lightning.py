@@ -37,7 +37,6 @@ from gradwatch.errors import ConfigError
 from gradwatch.integrations import WindowStats, post_clip_norm, start_watch
 from gradwatch.records import RunSummary, StepReport
 from gradwatch.report.base import Sink
-from gradwatch.report.console import ConsoleSink
 from gradwatch.watch import GradWatch
 
 __all__ = ["GradWatchCallback"]
@@ -141,7 +140,6 @@ class GradWatchCallback(pl.Callback):
         self.watch, self._window = start_watch(
             self,
             pl_module,
-            console=_LightningConsole,
             is_main_process=trainer.is_global_zero,
             framework_clips=self._lightning_clips,
         )
@@ -282,17 +280,6 @@ class GradWatchCallback(pl.Callback):
             self.watch.load_state_dict(state)
         else:
             self._state = state
-
-
-class _LightningConsole(ConsoleSink):
-    """Alerts as they happen and the final table, counting the steps Lightning clipped."""
-
-    def __init__(self, callback: GradWatchCallback) -> None:
-        super().__init__(every=0)
-        self._callback = callback
-
-    def render_summary(self, s: RunSummary) -> Any:
-        return super().render_summary(self._callback._count_clipped(s))
 
 
 def _overrides_clipping(pl_module: Any) -> bool:

@@ -43,7 +43,6 @@ from gradwatch.errors import ConfigError, GradWatchWarning
 from gradwatch.integrations import AfterBackward, WindowStats, post_clip_norm, start_watch
 from gradwatch.records import RunSummary, StepReport
 from gradwatch.report.base import Sink
-from gradwatch.report.console import ConsoleSink
 from gradwatch.watch import GradWatch
 
 __all__ = ["GradWatchCallback"]
@@ -135,7 +134,6 @@ class GradWatchCallback(_transformers.TrainerCallback):
         self.watch, self._window = start_watch(
             self,
             model,
-            console=_TrainerConsole,
             is_main_process=state.is_world_process_zero,
             framework_clips=self._trainer_clips,
         )
@@ -237,17 +235,6 @@ class GradWatchCallback(_transformers.TrainerCallback):
         if not self._trainer_clips:
             return summary
         return dataclasses.replace(summary, clipped_steps=self._clipped)
-
-
-class _TrainerConsole(ConsoleSink):
-    """Alerts as they happen and the final table, counting the steps the Trainer clipped."""
-
-    def __init__(self, callback: GradWatchCallback) -> None:
-        super().__init__(every=0)
-        self._callback = callback
-
-    def render_summary(self, s: RunSummary) -> Any:
-        return super().render_summary(self._callback._count_clipped(s))
 
 
 def _logs_steps(args: Any) -> bool:
