@@ -374,7 +374,7 @@ class GradWatch:
             self._micro_losses.append(detached)
         self._micro_batches += 1
         if self._guard is None and self._micro_batches >= self.accumulation_steps:
-            scope.report = self._check(None, skip_reason=None, from_optimizer=False)
+            scope.report = self._check(skip_reason=None, from_optimizer=False)
 
     def check(self, loss: Any = None) -> StepReport:
         """Check the gradients present now: norms, NaN/Inf, spikes; clip; apply policies.
@@ -397,7 +397,7 @@ class GradWatch:
         self._ensure_open("check")
         if loss is not None:
             self._micro_losses.append(_detached(loss))
-        return self._check(None, skip_reason=None, from_optimizer=False)
+        return self._check(skip_reason=None, from_optimizer=False)
 
     def flush(self) -> None:
         """Bring every pending step to the host and out to the sinks (waits for the device)."""
@@ -510,13 +510,13 @@ class GradWatch:
     # ------------------------------------------------------------------------------ hot path
 
     def _before_step(self) -> bool:
-        self._check(None, skip_reason=None, from_optimizer=True)
+        self._check(skip_reason=None, from_optimizer=True)
         return not self._last_skip
 
     def _after_scaler_skip(self) -> None:
-        self._check(None, skip_reason="GradScaler found inf/NaN", from_optimizer=True)
+        self._check(skip_reason="GradScaler found inf/NaN", from_optimizer=True)
 
-    def _check(self, _: None, *, skip_reason: str | None, from_optimizer: bool) -> StepReport:
+    def _check(self, *, skip_reason: str | None, from_optimizer: bool) -> StepReport:
         self._ensure_open("check")
         ring = self._ring
         if ring.written - ring.read >= ring.capacity:
@@ -760,7 +760,7 @@ class GradWatch:
         taken = {"skipped": "step skipped", "raise": "raised"}.get(action or "", "")
         if report.nonfinite:
             first = report.nonfinite[0]
-            owner = self._watched.owner_types[self._watched.position[id(self._param(first))]]
+            owner = self._watched.owner_types[self.names.index(first)]
             kind = "NaN" if math.isnan(report.param_norms.get(first, math.nan)) else "Inf"
             done = taken or ("reported only" if self.on_nonfinite == "warn" else "skipped")
             data: dict[str, float | str | None] = {
@@ -844,9 +844,6 @@ class GradWatch:
         )
 
     # ------------------------------------------------------------------------------- helpers
-
-    def _param(self, name: str) -> torch.Tensor:
-        return self._watched.params[self.names.index(name)]
 
     def _ensure_open(self, what: str) -> None:
         if self._closed:
