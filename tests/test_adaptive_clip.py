@@ -409,6 +409,106 @@ def test_unitwise_repr_and_config():
     assert clip.state_dict() == {}
 
 
+# ------------------------------------------------------------------------ sparse gradients
+
+
+class SparseNet(nn.Module):
+    """Parameters with sparse gradients of every shape ClipUnitwise meets, and a dense layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(12, 5, sparse=True)  # rows: sparse_dim 1, dense_dim 1
+        self.matrix = nn.Parameter(torch.randn(4, 6))  # fully sparse 2-d: sparse_dim 2
+        self.vector = nn.Parameter(torch.randn(9))  # 1-d: one unit
+        self.head = nn.Linear(5, 2)
+
+
+def sparse_grads(model: SparseNet) -> None:
+    """Uncoalesced sparse gradients (duplicate indices) spanning clipped and unclipped units."""
+    gen = torch.Generator().manual_seed(0)
+
+    def coo(indices: list[list[int]], values: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        return torch.sparse_coo_tensor(torch.tensor(indices), values, size, check_invariants=True)
+
+    scales = torch.tensor([1e-3, 1.0, 1e-3, 1e-4, 1.0, 1.0]).reshape(-1, 1)
+    rows = [[3, 8, 3, 0, 11, 8]]
+    model.embed.weight.grad = coo(rows, torch.randn(6, 5, generator=gen) * scales, (12, 5))
+    cells = [[0, 0, 2, 0, 3], [1, 5, 3, 1, 0]]  # (0, 1) twice; row 0 spans three entries
+    values = torch.tensor([0.5, 0.2, 1e-4, 0.5, 2.0])
+    model.matrix.grad = coo(cells, values, model.matrix.shape)
+    model.vector.grad = coo([[1, 4, 1]], torch.tensor([0.5, -2.0, 0.5]), model.vector.shape)
+    model.head.weight.grad = torch.randn(2, 5, generator=gen)
+    model.head.bias.grad = torch.randn(2, generator=gen) * 1e-4
+
+
+def clip_through_collector(clip: Clipper, model: nn.Module) -> float:
+    """The watcher's order: the read pass (which finds sparse gradients and regroups), then clip."""
+    params = list(model.parameters())
+    collector = GradCollector(params, torch.device("cpu"), torch.float32)
+    batch = collector.gather()
+    norms = torch.empty(len(params))
+    collector.param_norms_(batch, norms)
+    assert [g.sparse for g in batch.groups] == [True, False]  # regrouped in place
+    before = torch.nn.utils.get_total_norm([p.grad.to_dense() for p in params])
+    out = torch.empty(())
+    clip.bind(model.named_parameters()).clip_(batch, before, norms, out)
+    return out.item()
+
+
+@pytest.mark.parametrize("exclude", [(), ("embed",)])
+def test_unitwise_sparse_matches_timm_agc_on_dense_equivalent(exclude):
+    torch.manual_seed(0)
+    model = SparseNet()
+    sparse_grads(model)
+    reference = SparseNet()
+    reference.load_state_dict(model.state_dict())
+    for p, q in zip(model.parameters(), reference.parameters()):
+        q.grad = p.grad.to_dense().clone()
+    embed_before = model.embed.weight.grad.to_dense().clone()
+    before = torch.nn.utils.get_total_norm([q.grad for q in reference.parameters()])
+    coef = clip_through_collector(ClipUnitwise(0.05, exclude=exclude), model)
+    kept = [q for n, q in reference.named_parameters() if not n.startswith(exclude)]
+    agc_reference(kept, clipping=0.05)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert p.grad.layout == (torch.strided if name.startswith("head") else torch.sparse_coo)
+        torch.testing.assert_close(p.grad.to_dense(), q.grad, rtol=1e-6, atol=0, msg=name)
+    ratio = model.embed.weight.grad.to_dense().norm(dim=1) / model.embed.weight.norm(dim=1)
+    if exclude:
+        assert torch.equal(model.embed.weight.grad.to_dense(), embed_before)
+    else:  # rows 8 and 11 clipped to the bound, rows 0 and 3 below it left alone
+        assert ratio[[8, 11]].tolist() == pytest.approx([0.05, 0.05], rel=1e-5)
+        assert torch.equal(model.embed.weight.grad.to_dense()[[0, 3]], embed_before[[0, 3]])
+    after = torch.nn.utils.get_total_norm([p.grad.to_dense() for p in model.parameters()])
+    assert coef == pytest.approx((after / before).item(), rel=1e-6)
+    assert coef < 1.0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: ClipZScore(warmup=3), lambda: ClipPercentile(50.0, history=4)],
+    ids=["zscore", "percentile"],
+)
+def test_norm_based_clippers_scale_sparse_gradients(make):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
+    gen = torch.Generator().manual_seed(0)
+    coefs = []
+    with gradwatch.GradWatch(model, clip=make(), sinks=[]) as watch:
+        for step in range(8):
+            model.zero_grad()
+            tokens = torch.randint(0, 10, (6,), generator=gen)
+            (model(tokens).sum() * (30.0 if step == 6 else 1.0)).backward()
+            before = [p.grad.to_dense().clone() for p in model.parameters()]
+            report = watch.check()
+            expected = torch.nn.utils.get_total_norm(before).item()
+            assert report.global_norm == pytest.approx(expected, rel=1e-6)
+            assert model[0].weight.grad.is_sparse
+            for p, b in zip(model.parameters(), before):
+                torch.testing.assert_close(p.grad.to_dense(), b * report.clip_coef)
+            coefs.append(report.clip_coef)
+    assert coefs[6] < 0.5
+
+
 # --------------------------------------------------------------------------------- no sync
 
 

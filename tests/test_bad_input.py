@@ -364,23 +364,17 @@ def test_odd_model_complex_parameters() -> None:
         torch.nn.utils.clip_grad_value_(reference.parameters(), 0.1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (collect/norms.py): sparse gradients (nn.Embedding(sparse=True)) fail at the "
-    "first check with torch's 'Could not run aten::linalg_vector_norm with arguments from the "
-    "SparseCPU backend' instead of working (norm of the coalesced values) or a clear error",
-)
 def test_odd_model_sparse_gradients() -> None:
+    """Sparse gradients work: the norm is that of the dense equivalent (duplicates summed)."""
     model = nn.Embedding(10, 4, sparse=True)
     watch = gw.GradWatch(model, sinks=[])
     model(torch.tensor([1, 2, 2, 7])).sum().backward()
-    try:
-        report = watch.check()
-    except gw.GradWatchError as err:  # a clear refusal is acceptable
-        assert "weight" in str(err) and "sparse" in str(err)
-        return
-    expected = torch.linalg.vector_norm(model.weight.grad.coalesce().values()).item()
-    assert report.global_norm == pytest.approx(expected)
+    assert model.weight.grad.is_sparse and not model.weight.grad.is_coalesced()
+    report = watch.check()
+    expected = torch.linalg.vector_norm(model.weight.grad.to_dense()).item()
+    assert report.global_norm == pytest.approx(expected, rel=1e-6)
+    assert report.param_norms["weight"] == pytest.approx(expected, rel=1e-6)
+    assert report.nonfinite == ()
 
 
 @pytest.mark.parametrize(

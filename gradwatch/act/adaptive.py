@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch.act.clip import EPS, Clipper, scale_
-from gradwatch.collect.norms import GradBatch, foreach_norms
+from gradwatch.collect.norms import GradBatch, foreach_norms, sparse_values
 from gradwatch.config import (
     check_choice,
     check_int,
@@ -317,6 +317,8 @@ class ClipUnitwise(Clipper):
     whole on one rank, so ≥2-d parameters are clipped exactly as unsharded; a 1-d/0-d parameter
     is split across ranks and each rank clips its shard as a unit of its own, and ``out`` is the
     local ratio. Under FSDP1 flat parameters have no rows; do not use this clipper there.
+    Sparse gradients (``nn.Embedding(sparse=True)``) are clipped as their dense equivalents
+    would be, reading only the weight rows the gradient touches.
 
     Args:
         clipping: Largest allowed ratio ``‖G‖ / ‖W‖`` per unit, > 0 (NFNets: 0.01 for large
@@ -413,6 +415,11 @@ class ClipUnitwise(Clipper):
             )
         for group in batch.groups:
             device = group.device
+            if group.sparse:
+                for p, g in zip(group.params, group.grads):
+                    if id(p) not in self._excluded:
+                        self._clip_sparse_(p.detach(), g)
+                continue
             whole_w, whole_g = [], []
             for p, g in zip(group.params, group.grads):
                 g = _local(g)
@@ -445,6 +452,40 @@ class ClipUnitwise(Clipper):
         grad_norms = torch.stack(foreach_norms(device, grads, 2.0))
         factors = self._factor(weight_norms.to(grad_norms.dtype), grad_norms).to(grads[0].dtype)
         torch._foreach_mul_(grads, list(factors.unbind()))
+
+    def _clip_sparse_(self, param: Tensor, grad: Tensor) -> None:
+        """AGC on one gradient of a sparse group, equal to AGC on its dense equivalent.
+
+        Only the rows stored in the gradient can be clipped (an absent row's norm is 0), so only
+        their weight rows are read. A sparse gradient is coalesced in place when it was not: a
+        row's norm needs its duplicate entries summed.
+        """
+        if not grad.is_sparse:  # a parameter of a sparse group may get a dense gradient
+            if grad.ndim <= 1:
+                self._clip_whole_(grad.device, [param], [grad])
+            else:
+                self._clip_rows_(param, grad)
+            return
+        acc = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
+        if grad.ndim <= 1:  # one unit: the whole tensor
+            weight_norm = torch.linalg.vector_norm(param, 2.0, dtype=acc)
+            grad_norm = torch.linalg.vector_norm(sparse_values(grad), 2.0, dtype=acc)
+            grad.mul_(self._factor(weight_norm, grad_norm).to(grad.dtype))
+            return
+        coalesced = grad if grad.is_coalesced() else grad.coalesce()
+        rows, values = coalesced.indices()[0], coalesced.values()
+        # Entries are sorted by index, so the entries of one row are consecutive.
+        present, slot = torch.unique_consecutive(rows, return_inverse=True)
+        squares = values.to(acc).square()
+        if squares.ndim > 1:
+            squares = squares.flatten(1).sum(1)
+        grad_norms = squares.new_zeros(present.shape[0]).index_add_(0, slot, squares).sqrt_()
+        dims = tuple(range(1, grad.ndim))
+        weight_norms = _unit_norms(param.index_select(0, present), dims).reshape(-1)
+        factor = self._factor(weight_norms.to(acc), grad_norms).index_select(0, slot)
+        values.mul_(factor.reshape(-1, *[1] * (values.ndim - 1)).to(values.dtype))
+        if coalesced is not grad:
+            grad.copy_(coalesced)
 
     def config(self) -> dict[str, Any]:
         return {

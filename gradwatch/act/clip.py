@@ -70,10 +70,15 @@ class Clipper:
 
 
 def scale_(batch: GradBatch, coef: Tensor) -> None:
-    """Multiply every gradient in ``batch`` by the 0-d tensor ``coef`` (one kernel per group)."""
-    for device, grads in batch.grouped():
+    """Multiply every gradient in ``batch`` by the 0-d tensor ``coef`` (one kernel per group).
+
+    Sparse gradients are scaled one by one (``mul_`` scales their stored values; duplicates of
+    an index scale with them, so the dense equivalent is scaled exactly).
+    """
+    for group in batch.groups:
+        device, grads = group.device, group.grads
         factor = coef if coef.device == device else coef.to(device, non_blocking=True)
-        if has_foreach(device):
+        if has_foreach(device) and not group.sparse:
             torch._foreach_mul_(grads, factor)
         else:
             for g in grads:
@@ -85,6 +90,8 @@ class ClipNorm(Clipper):
 
     Numerically identical to ``torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)``: the
     same norm, the same coefficient ``min(max_norm / (norm + 1e-6), 1)``, the same gradients.
+    Sparse gradients, which ``clip_grad_norm_`` rejects (torch 2.13 has no sparse
+    ``linalg.vector_norm``), are scaled as ``clip_grad_norm_`` scales their dense equivalent.
 
     Args:
         max_norm: Largest allowed global norm, a finite number > 0.
@@ -116,6 +123,10 @@ class ClipValue(Clipper):
     Identical to ``torch.nn.utils.clip_grad_value_``. Reports the resulting change of the global
     norm as the clip coefficient, which costs one extra read of the gradients.
 
+    Sparse gradients, which ``clip_grad_value_`` rejects (torch has no sparse clamp), are
+    coalesced in place and their values clamped: the result is ``clip_grad_value_`` of the dense
+    equivalent, still sparse.
+
     Args:
         clip_value: Largest allowed absolute value, a finite number > 0.
     """
@@ -124,8 +135,12 @@ class ClipValue(Clipper):
         self.clip_value = check_positive("ClipValue(clip_value)", clip_value)
 
     def clip_(self, batch: GradBatch, total_norm: Tensor, param_norms: Tensor, out: Tensor) -> None:
-        for device, grads in batch.grouped():
-            if has_foreach(device):
+        for group in batch.groups:
+            grads = group.grads
+            if group.sparse:
+                for g in grads:
+                    _clamp_sparse_(g, self.clip_value)
+            elif has_foreach(group.device):
                 torch._foreach_clamp_min_(grads, -self.clip_value)
                 torch._foreach_clamp_max_(grads, self.clip_value)
             else:
@@ -141,3 +156,17 @@ class ClipValue(Clipper):
 
     def __repr__(self) -> str:
         return f"ClipValue(clip_value={self.clip_value})"
+
+
+def _clamp_sparse_(grad: Tensor, clip_value: float) -> None:
+    """Clamp a gradient in place; a sparse one is coalesced first (in place, same tensor).
+
+    Clamping acts on each element of the dense equivalent, so duplicate indices must be summed
+    before clamping (clamping each duplicate would let their sum exceed ``clip_value``).
+    """
+    if not grad.is_sparse:
+        grad.clamp_(min=-clip_value, max=clip_value)
+        return
+    if not grad.is_coalesced():
+        grad.copy_(grad.coalesce())
+    grad._values().clamp_(min=-clip_value, max=clip_value)

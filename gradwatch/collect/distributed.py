@@ -18,6 +18,7 @@ gradwatch uses ``torch.distributed`` as its scale-out engine and adds nothing of
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -51,12 +52,14 @@ def world_size() -> int:
 
 
 def is_dtensor(tensor: Tensor) -> bool:
-    """True for a ``torch.distributed.tensor.DTensor`` (FSDP2/tensor-parallel parameters)."""
-    if not dist.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
+    """True for a ``torch.distributed.tensor.DTensor`` (FSDP2/tensor-parallel parameters).
 
-    return isinstance(tensor, DTensor)
+    Never imports ``torch.distributed.tensor`` (0.7-9 s on first import): a DTensor can only
+    exist once that package was imported, so until then the answer is False.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(module, "DTensor", None)  # None also while the package is importing
+    return dtensor is not None and isinstance(tensor, dtensor)
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

@@ -10,6 +10,12 @@ Sharded gradients (FSDP2 DTensors) are grouped by mesh as well; their per-shard 
 norms that one ``full_tensor()`` per group turns into the norms of the full gradients (a single
 all-reduce for all the group's parameters). In-place operations (clipping) act on the local
 shards.
+
+Sparse (COO) gradients, e.g. of ``nn.Embedding(sparse=True)``, live in groups of their own: the
+norm of a sparse gradient is the norm of its coalesced values, which is the norm of its dense
+equivalent. A parameter's gradient layout is not known from the parameter, so it is learnt: when
+the norms of a plain group fail because a gradient in it came sparse, that parameter moves to a
+sparse group for good and the step is regrouped. Dense models never pay for this.
 """
 
 from __future__ import annotations
@@ -25,7 +31,14 @@ from torch.utils._foreach_utils import _device_has_foreach_support
 
 from gradwatch.collect.distributed import is_dtensor
 
-__all__ = ["GradBatch", "GradCollector", "GradGroup", "foreach_norms", "has_foreach"]
+__all__ = [
+    "GradBatch",
+    "GradCollector",
+    "GradGroup",
+    "foreach_norms",
+    "has_foreach",
+    "sparse_values",
+]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -42,18 +55,33 @@ def has_foreach(device: torch.device) -> bool:
 
 
 def foreach_norms(device: torch.device, grads: list[Tensor], norm_type: float) -> list[Tensor]:
-    """Norm of each tensor (0-d tensors), one fused kernel where the device supports it."""
+    """Norm of each dense tensor (0-d tensors), one fused kernel where the device supports it.
+
+    Sparse tensors are not accepted here: see :func:`sparse_values`.
+    """
     dtype = _norm_dtype(grads[0].dtype)
-    if has_foreach(device) and not grads[0].is_sparse:
+    if has_foreach(device):
         if dtype is grads[0].dtype:
             return list(torch._foreach_norm(grads, norm_type))
         return list(torch._foreach_norm(grads, norm_type, dtype=dtype))
     return [torch.linalg.vector_norm(g, norm_type, dtype=dtype) for g in grads]
 
 
+def sparse_values(grad: Tensor) -> Tensor:
+    """A dense tensor with the same norm (of any order) as ``grad``, dense or sparse COO.
+
+    For a sparse gradient: its coalesced values (duplicate indices summed, as in the dense
+    equivalent), or one zero when it stores nothing. A dense gradient is returned as it is.
+    """
+    if not grad.is_sparse:
+        return grad
+    values = grad.coalesce().values()
+    return values if values.numel() else values.new_zeros(1)
+
+
 @dataclass
 class GradGroup:
-    """Gradients of one (device, dtype[, mesh]) group.
+    """Gradients of one (device, dtype[, mesh][, sparse]) group.
 
     Attributes:
         device: Device of the local tensors.
@@ -61,6 +89,9 @@ class GradGroup:
         grads: Local gradient tensors (the shard, for DTensors), for in-place operations.
         sharded: The DTensor gradients when the group is sharded, else None.
         positions: Watcher positions of the group's parameters.
+        sparse: True for a group of parameters whose gradients come sparse (COO): foreach
+            kernels do not take them, so in-place operations go tensor by tensor, on the values.
+            Such a group may also hold a dense gradient (a parameter's layout can change).
     """
 
     device: torch.device
@@ -68,9 +99,13 @@ class GradGroup:
     grads: list[Tensor]
     sharded: list[Tensor] | None
     positions: list[int]
+    sparse: bool = False
 
     def norms(self, norm_type: float) -> Tensor:
         """1-D tensor: the norm of each full gradient of the group (one collective if sharded)."""
+        if self.sparse:
+            values = [sparse_values(g) for g in self.grads]
+            return torch.stack(foreach_norms(self.device, values, norm_type))
         if self.sharded is None:
             return torch.stack(foreach_norms(self.device, self.grads, norm_type))
         partial = torch.stack(list(torch._foreach_norm(self.sharded, norm_type)))
@@ -117,9 +152,17 @@ class GradCollector:
         self.params = params
         self.device = device
         self.dtype = dtype
+        self._sparse: set[int] = set()  # positions whose gradients were seen sparse
+        self._build_layout()
+
+    def _build_layout(self) -> None:
+        """Group the parameters by :func:`_group_key`, the sparse ones apart."""
+        params, device, dtype = self.params, self.device, self.dtype
         layout: dict[tuple[object, ...], list[int]] = {}
         for i, p in enumerate(params):
             layout.setdefault(_group_key(p), []).append(i)
+        if self._sparse:
+            layout = _split_sparse(layout, self._sparse)
         self._layout = layout
         self.sharded = any(key[2] is not None for key in layout)
         # Fast path: one plain group whose norms can be stacked straight into the row.
@@ -127,6 +170,7 @@ class GradCollector:
         self._direct = (
             len(layout) == 1
             and key[2] is None
+            and not key[3]
             and key[0] == device
             and _norm_dtype(key[1]) == dtype  # type: ignore[arg-type]
         )
@@ -143,8 +187,8 @@ class GradCollector:
                 group = GradGroup(self.device, params, grads, None, [])
                 return GradBatch(params, None, [group])
             groups = [
-                self._group([params[i] for i in idx], [grads[i] for i in idx], idx)
-                for idx in self._layout.values()
+                self._group([params[i] for i in idx], [grads[i] for i in idx], idx, key[3])
+                for key, idx in self._layout.items()
             ]
             return GradBatch(params, None, groups)
         positions = [i for i, g in enumerate(grads) if g is not None]
@@ -153,32 +197,70 @@ class GradCollector:
         by_key: dict[tuple[object, ...], list[int]] = {}
         for i in positions:
             by_key.setdefault(_group_key(params[i]), []).append(i)
+        if self._sparse:
+            by_key = _split_sparse(by_key, self._sparse)
         groups = [
-            self._group([params[i] for i in idx], [grads[i] for i in idx], idx)
-            for idx in by_key.values()
+            self._group([params[i] for i in idx], [grads[i] for i in idx], idx, key[3])
+            for key, idx in by_key.items()
         ]
         return GradBatch([params[i] for i in positions], positions, groups)
 
     @staticmethod
-    def _group(params: list[Tensor], grads: list[Tensor], positions: list[int]) -> GradGroup:
+    def _group(
+        params: list[Tensor], grads: list[Tensor], positions: list[int], sparse: object
+    ) -> GradGroup:
+        """One group; ``sparse`` is the group key's sparse flag."""
+        if sparse:
+            return GradGroup(grads[0].device, params, grads, None, positions, sparse=True)
         if is_dtensor(params[0]):
             local_grads = [g.to_local() for g in grads]
             return GradGroup(local_grads[0].device, params, local_grads, grads, positions)
         return GradGroup(grads[0].device, params, grads, None, positions)
 
+    def _learn_sparse(self) -> bool:
+        """Move the parameters whose gradient is sparse now into sparse groups.
+
+        Returns:
+            True if any parameter moved (the layout was rebuilt), False if none is new.
+        """
+        found = {
+            i
+            for i, p in enumerate(self.params)
+            if p.grad is not None and p.grad.is_sparse and i not in self._sparse
+        }
+        if not found:
+            return False
+        self._sparse |= found
+        self._build_layout()
+        return True
+
     def param_norms_(self, batch: GradBatch, out: Tensor) -> None:
         """Write the L2 norm of every (full) gradient into ``out``, one slot per parameter.
 
-        Parameters without a gradient get 0.
+        Parameters without a gradient get 0. This is the step's first read of the gradients: a
+        gradient that came sparse in a plain group makes the kernels fail; its parameter then
+        moves to a sparse group (see :meth:`_learn_sparse`) and ``batch`` is regrouped in place,
+        so the clippers that receive it next see the new groups.
         """
         batch.l2_norms = None
-        if self._direct and batch.positions is None:
-            (group,) = batch.groups
-            torch.stack(foreach_norms(self.device, group.grads, 2.0), out=out)
+        try:  # free until it raises: dense models pay nothing for the sparse fallback
+            if self._direct and batch.positions is None:
+                (group,) = batch.groups
+                torch.stack(foreach_norms(self.device, group.grads, 2.0), out=out)
+                return
+            norms = torch.cat(
+                [g.norms(2.0).to(self.device, self.dtype, non_blocking=True) for g in batch.groups]
+            )
+        except (NotImplementedError, RuntimeError):
+            if not self._learn_sparse():
+                raise
+            regrouped = self.gather()
+            if regrouped is None:  # pragma: no cover - the gradients were there a moment ago
+                raise
+            batch.params, batch.positions = regrouped.params, regrouped.positions
+            batch.groups = regrouped.groups
+            self.param_norms_(batch, out)
             return
-        norms = torch.cat(
-            [g.norms(2.0).to(self.device, self.dtype, non_blocking=True) for g in batch.groups]
-        )
         batch.l2_norms = norms  # the present norms in group order: torch reduces them so
         if batch.positions is None and self._identity_order:
             out.copy_(norms)
@@ -212,9 +294,23 @@ class GradCollector:
 
 
 def _group_key(param: Tensor) -> tuple[object, ...]:
-    """(device, dtype, mesh) of a parameter's gradient; mesh is None for plain tensors."""
+    """(device, dtype, mesh, sparse) of a parameter's gradient; mesh is None for plain tensors.
+
+    ``sparse`` is always False here: only the gradients tell, see :func:`_split_sparse`.
+    """
     if is_dtensor(param):
         local = param.to_local()  # type: ignore[attr-defined]
         mesh = param.device_mesh  # type: ignore[attr-defined]
-        return (local.device, param.dtype, (id(mesh), tuple(param.placements)))  # type: ignore[attr-defined]
-    return (param.device, param.dtype, None)
+        return (local.device, param.dtype, (id(mesh), tuple(param.placements)), False)  # type: ignore[attr-defined]
+    return (param.device, param.dtype, None, False)
+
+
+def _split_sparse(
+    layout: dict[tuple[object, ...], list[int]], sparse: set[int]
+) -> dict[tuple[object, ...], list[int]]:
+    """``layout`` with the ``sparse`` positions moved to groups keyed ``(..., True)``."""
+    split: dict[tuple[object, ...], list[int]] = {}
+    for key, idx in layout.items():
+        for i in idx:
+            split.setdefault((*key[:3], i in sparse), []).append(i)
+    return split
