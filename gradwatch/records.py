@@ -132,26 +132,30 @@ class StepReport:
 
     @classmethod
     def _deferred(cls, step: int, resolve: Callable[[], None]) -> StepReport:
-        report = cls(step)
-        for name in _LAZY_FIELDS:  # every field but step waits for the resolver
-            object.__setattr__(report, name, _UNSET)
-        object.__setattr__(report, "_resolve", resolve)
+        report = object.__new__(cls)  # no field is set: reading one lands in __getattr__
+        state = report.__dict__
+        state["step"] = step
+        state["_resolve"] = resolve
         return report
 
     def _fill(self, **values: Any) -> None:
-        for name, value in values.items():
-            object.__setattr__(self, name, value)
-        self.__dict__.pop("_resolve", None)
+        state = self.__dict__
+        state.update(values)
+        state.pop("_resolve", None)
 
-    def __getattribute__(self, name: str) -> Any:
-        value = object.__getattribute__(self, name)
-        if value is _UNSET:
-            resolve = object.__getattribute__(self, "__dict__").get("_resolve")
-            if resolve is None:
-                raise AttributeError(f"StepReport.{name} was never computed")
-            resolve()
-            value = object.__getattribute__(self, name)
-        return value
+    def __post_init__(self) -> None:
+        # A report built by hand with fields left out: those fields read as "never computed".
+        state = self.__dict__
+        for name in [n for n, v in state.items() if v is _UNSET]:
+            del state[name]
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for a field not set yet (the class holds no field defaults).
+        resolve = self.__dict__.get("_resolve")
+        if resolve is None or name not in _LAZY_FIELDS:
+            raise AttributeError(f"StepReport.{name} was never computed")
+        resolve()
+        return self.__dict__[name]
 
     @property
     def is_resolved(self) -> bool:
@@ -176,7 +180,10 @@ class StepReport:
             object.__setattr__(self, name, value)
 
 
-_LAZY_FIELDS = tuple(f.name for f in fields(StepReport) if f.name != "step")
+_LAZY_FIELDS = frozenset(f.name for f in fields(StepReport) if f.name != "step")
+for _name in _LAZY_FIELDS:  # field defaults live in __init__ only, so unset fields miss
+    if _name in StepReport.__dict__:
+        delattr(StepReport, _name)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import torch
 from gradwatch._version import __version__
 from gradwatch.act.clip import EPS, Clipper, scale_
 from gradwatch.act.skip import StepGuard, drop_gradients
+from gradwatch.alerts import needs_events, policy_error, step_events
 from gradwatch.collect.distributed import (
     RankBlame,
     any_rank,
@@ -47,19 +48,16 @@ from gradwatch.config import (
     check_int,
     check_norm_type,
 )
-from gradwatch.detect.health import HealthDetector, NonFiniteOrigin
+from gradwatch.detect.health import HealthDetector
 from gradwatch.detect.nonfinite import nonfinite_in_backward_order
 from gradwatch.detect.spikes import ParamBaseline, SpikeDetector
-from gradwatch.diagnose import describe_origin, diagnose_health
+from gradwatch.diagnose import diagnose_health
 from gradwatch.errors import (
     ConfigError,
     ConfigTypeError,
-    GradientSpikeError,
-    NonFiniteGradientError,
     StateError,
 )
 from gradwatch.records import (
-    Event,
     Finding,
     ParamInfo,
     ParamNorms,
@@ -71,13 +69,15 @@ from gradwatch.report.base import Sink, SinkGroup, StepAggregator
 
 __all__ = ["BackwardScope", "GradWatch"]
 
-DRAIN_BATCH = 1
-"""Rows emitted together when nothing urgent happened (alerts are always emitted at once).
+DRAIN_BATCH = 32
+"""Most rows held back from the sinks when nothing urgent happened and no sink asked for them.
 
-1: every step reaches the sinks as soon as its row is on the host (at once on CPU, about a step
-later on accelerators), so a killed process loses no completed step and the console's lines come
-in order with the training loop's own prints. Per-layer aggregation is batched inside
-StepAggregator, so this costs little."""
+Every row is judged as soon as it is on the host (at once on CPU, about a step later on
+accelerators): the spike and loss detectors run on its two scalars, so an alert is emitted at
+once. The rest of the emission (per-parameter baselines, health, the report's fields, the sinks)
+runs for up to this many rows together, earlier when a sink's :meth:`~gradwatch.Sink.next_due`
+asks: a :class:`~gradwatch.JsonlSink` takes every step at once so a killed process loses no
+completed step, a console takes its window when its summary line is due."""
 
 
 @dataclass
@@ -94,6 +94,10 @@ class _Pending:
     micro: list[torch.Tensor]
     blame: torch.Tensor | None
     probe: Any = None  # collect.forensics.Probe: learning rates, weight and activation samples
+    # Set when the row is judged (see GradWatch._judge):
+    spike_threshold: float | None = None
+    spike: bool = False
+    loss_spike: bool = False
 
 
 class BackwardScope:
@@ -229,6 +233,7 @@ class GradWatch:
             clip.bind(zip(watched.names, watched.params))
         self._watched = watched
         self.names = watched.names
+        self._owner_types = dict(zip(watched.names, watched.owner_types))
         self.clipper = clip
         self.spike_detector = spike_detector or SpikeDetector()
         self.loss_detector = loss_detector or SpikeDetector()
@@ -285,9 +290,8 @@ class GradWatch:
         self._micro_batches = 0
         self._guard: StepGuard | None = None
         self._writes_coef = clip is not None or self.on_spike == "clip"
-        self._scanned = 0  # rows checked for urgency by _scan
-        self._alert_norm = math.inf  # spike threshold as of the last drain
-        self._alert_loss = math.inf
+        self._judged = 0  # rows run through the spike and loss detectors (see _judge)
+        self._due = self._sinks.next_due(-1)  # the earliest step a sink wants at once
         self._last_skip = False
         self._closed = False
         self._sinks.write(self._run_start(layer_depth))
@@ -564,7 +568,7 @@ class GradWatch:
         self._arrivals.clear()
         if action == "raise":
             self._drain(wait=True, upto=number)
-            self._raise(report)
+            raise policy_error(report)
         self._scan()
         return report
 
@@ -614,7 +618,7 @@ class GradWatch:
                 return "non-finite gradient", "raise"
             return "non-finite gradient", "skipped"
         if needs_spike:
-            self._drain(wait=True)  # detector state must include every earlier step
+            self._judge(wait=True)  # detector state must include every earlier step
             threshold = self.spike_detector.threshold
             if threshold is not None and global_norm > threshold:
                 if self.on_spike == "raise":
@@ -626,7 +630,7 @@ class GradWatch:
         if self.clipper is not None:
             self.clipper.clip_(batch, slot.global_norm, slot.norms, slot.coef)
         if self.on_spike == "clip":
-            self._drain(wait=True)  # the threshold depends on every earlier step
+            self._judge(wait=True)  # the threshold depends on every earlier step
             threshold = self.spike_detector.threshold
             if self.clipper is None:
                 slot.coef.fill_(1.0)
@@ -640,30 +644,51 @@ class GradWatch:
     # ------------------------------------------------------------------------------ emission
 
     def _scan(self) -> None:
-        """Emit rows that need a person's attention now; batch the others.
+        """Judge the rows on the host; emit them if one is urgent, a sink wants them, or enough.
 
-        Reading one value per row from the host mirror costs no device wait. A row is emitted at
-        once when its global norm is non-finite or above the spike threshold, its loss above the
-        loss threshold, or its step was skipped; otherwise rows are emitted in batches.
+        Judging runs only the scalar detectors, so an alert (NaN/Inf, spike, loss spike, skipped
+        step) reaches the sinks the moment its row is on the host, without waiting for a batch.
+        """
+        urgent = self._judge(wait=False)
+        waiting = self._judged - self._ring.read
+        if waiting and (urgent or waiting >= DRAIN_BATCH or self._step - 1 >= self._due):
+            self._drain(wait=False)
+
+    def _judge(self, *, wait: bool, upto: int | None = None) -> bool:
+        """Run the spike and loss detectors over rows not judged yet, in order.
+
+        Args:
+            wait: Block on rows not yet on the host (else stop at the first such row).
+            upto: Last row number to judge (default: every written row).
+
+        Returns:
+            True if a judged row needs a person's attention now.
         """
         ring = self._ring
-        while self._scanned < ring.written:
-            number = self._scanned
-            value = ring.peek(number, GLOBAL)
-            if value is None:
-                return  # not on the host yet: look again at the next step
-            self._scanned += 1
-            pending = self._pending.get(number)
-            if pending is None:
-                continue
-            urgent = not math.isfinite(value) or value > self._alert_norm or pending.skip_reason
-            if not urgent and pending.has_loss:
-                loss = ring.peek(number, LOSS)
-                urgent = loss is not None and not (loss <= self._alert_loss)
-            if urgent:
-                self._drain(wait=False, upto=number)
-        if ring.written - ring.read >= DRAIN_BATCH:
-            self._drain(wait=False)
+        last = ring.written - 1 if upto is None else upto
+        urgent = False
+        while self._judged <= last:
+            number = self._judged
+            if not ring.ready(number):
+                if not wait:
+                    break
+                ring.wait(number)
+            pending = self._pending[number]
+            value = ring.value(number, GLOBAL)
+            pending.spike_threshold = self.spike_detector.threshold
+            pending.spike = self.spike_detector.update(value)
+            if pending.has_loss:
+                loss = ring.value(number, LOSS)
+                pending.loss_spike = self.loss_detector.update(loss)
+            urgent = (
+                urgent
+                or pending.spike
+                or pending.loss_spike
+                or pending.skip_reason is not None
+                or not math.isfinite(value)
+            )
+            self._judged = number + 1
+        return urgent
 
     def _drain(self, *, wait: bool, upto: int | None = None) -> None:
         """Turn device rows into reports, in order, and send them to the sinks.
@@ -672,23 +697,17 @@ class GradWatch:
             wait: Block on rows not yet on the host (else stop at the first such row).
             upto: Last row number to process (default: every written row).
         """
+        self._judge(wait=wait, upto=upto)
         ring = self._ring
-        last = ring.written - 1 if upto is None else upto
-        emitted = False
+        last = self._judged - 1 if upto is None else min(upto, self._judged - 1)
+        if ring.read > last:
+            return
         while ring.read <= last:
             number = ring.read
-            if not ring.ready(number):
-                if not wait:
-                    break
-                ring.wait(number)
             ring.read += 1
-            self._emit(self._pending.pop(number), ring.host_row(number))
-            emitted = True
-        if emitted:
-            self._scanned = max(self._scanned, ring.read)
-            spike, loss = self.spike_detector.threshold, self.loss_detector.threshold
-            self._alert_norm = math.inf if spike is None else spike
-            self._alert_loss = math.inf if loss is None else loss
+            pending = self._pending.pop(number)
+            self._emit(pending, ring.host_row(number))
+        self._due = self._sinks.next_due(pending.report.step)
 
     def _emit(self, pending: _Pending, row: Any) -> None:
         report = pending.report
@@ -705,19 +724,20 @@ class GradWatch:
             nonfinite = tuple(
                 self.names[i] for i in nonfinite_in_backward_order(norms, positions, order)
             )
-        threshold = self.spike_detector.threshold
-        spike = self.spike_detector.update(global_norm)
+        spike = pending.spike
         present = norms
         if positions is not None:  # parameters without a gradient neither lead nor learn
             present = np.full_like(norms, np.nan)
             present[positions] = norms[positions]
         culprits: tuple[str, ...] = ()
+        growth = None  # of every parameter alike, when no parameter drives a spike alone
         if spike:
             culprits = tuple(self.names[i] for i in self._baseline.culprits(present))
+            growth = None if culprits else self._baseline.growth(present)
         if not nonfinite:
             self._baseline.update(present)
         loss = float(row[LOSS]) if pending.has_loss else None
-        loss_spike = self.loss_detector.update(loss) if loss is not None else False
+        loss_spike = pending.loss_spike
         coef = float(row[COEF])
         report._fill(
             global_norm=global_norm,
@@ -731,7 +751,7 @@ class GradWatch:
             loss=loss,
             skip_reason=pending.skip_reason,
             spike_params=culprits,
-            spike_threshold=threshold,
+            spike_threshold=pending.spike_threshold,
             scale=float(row[SCALE]) if pending.has_scale else None,
             norm_type=self.norm_type,
             micro_batch_norms=tuple(float(m) for m in pending.micro),
@@ -743,105 +763,17 @@ class GradWatch:
         origin = self.health_detector.update(
             report, norms, positions, pending.arrivals, pending.probe
         )
-        if (
-            nonfinite
-            or spike
-            or loss_spike
-            or pending.skip_reason
-            or not math.isfinite(global_norm)
-        ):
-            for event in self._events(report, pending.action, origin):
+        if needs_events(report):
+            events = step_events(
+                report,
+                action=pending.action,
+                on_nonfinite=self.on_nonfinite,
+                owner_types=self._owner_types,
+                origin=origin,
+                growth=growth,
+            )
+            for event in events:
                 self._sinks.write(event)
-
-    def _events(
-        self, report: StepReport, action: str | None, origin: NonFiniteOrigin | None = None
-    ) -> list[Event]:
-        events = []
-        taken = {"skipped": "step skipped", "raise": "raised"}.get(action or "", "")
-        if report.nonfinite:
-            first = report.nonfinite[0]
-            owner = self._watched.owner_types[self.names.index(first)]
-            kind = "NaN" if math.isnan(report.param_norms.get(first, math.nan)) else "Inf"
-            done = taken or ("reported only" if self.on_nonfinite == "warn" else "skipped")
-            data: dict[str, float | str | None] = {
-                "first": first,
-                "value": kind,
-                "global_norm": report.global_norm,
-            }
-            if origin is not None:
-                message = f"step {report.step}: {describe_origin(origin, step=False)}; {done}"
-                data.update(
-                    module=origin.module,
-                    module_type=origin.module_type,
-                    shape=str(origin.shape),
-                    stage=origin.stage,
-                    first_activation=origin.first_activation,
-                    first_signal=origin.first_signal,
-                )
-            else:
-                more = f" (+{len(report.nonfinite) - 1} more)" if len(report.nonfinite) > 1 else ""
-                message = (
-                    f"step {report.step}: {kind} in gradient of {first}"
-                    f"{f' ({owner})' if owner else ''}{more}, first in backward order"
-                    f"{'; loss ' + _fmt(report.loss) if report.loss is not None else ''}; {done}"
-                )
-            events.append(Event(report.step, "nonfinite", message, report.nonfinite, data))
-        elif not math.isfinite(report.global_norm):
-            largest = max(report.param_norms.items(), key=lambda kv: kv[1], default=("?", 0.0))
-            message = (
-                f"step {report.step}: the global gradient norm overflowed to "
-                f"{_fmt(report.global_norm)} although every parameter's gradient norm is finite "
-                f"(largest: {largest[0]} {_fmt(largest[1])}); clipping by this norm zeroes the "
-                f"step; {taken or 'reported'}"
-            )
-            data = {"global_norm": report.global_norm, "largest": largest[0]}
-            events.append(Event(report.step, "nonfinite", message, (largest[0],), data))
-        if report.spike:
-            threshold = report.spike_threshold or math.nan
-            drivers = ", ".join(report.spike_params) or "no single parameter"
-            what = taken or (
-                f"clipped to {_fmt(report.clipped_norm)}" if report.clipped else "reported"
-            )
-            message = (
-                f"step {report.step}: gradient norm spike {_fmt(report.global_norm)} "
-                f"(threshold {_fmt(threshold)}); driven by {drivers}; {what}"
-            )
-            events.append(
-                Event(
-                    report.step,
-                    "spike",
-                    message,
-                    report.spike_params,
-                    {"global_norm": report.global_norm, "threshold": threshold},
-                )
-            )
-        if report.loss_spike:
-            message = f"step {report.step}: loss spike {_fmt(report.loss)}"
-            events.append(Event(report.step, "loss_spike", message, (), {"loss": report.loss}))
-        if report.skipped and not report.nonfinite and not report.spike:
-            message = f"step {report.step}: optimizer step skipped ({report.skip_reason})"
-            events.append(
-                Event(report.step, "skip", message, (), {"reason": report.skip_reason or ""})
-            )
-        return events
-
-    def _raise(self, report: StepReport) -> None:
-        if report.nonfinite or not math.isfinite(report.global_norm):
-            names = ", ".join(report.nonfinite[:5]) + (" ..." if len(report.nonfinite) > 5 else "")
-            raise NonFiniteGradientError(
-                f"non-finite gradient at step {report.step} in {names} "
-                f"(first in backward order: {report.nonfinite[0] if report.nonfinite else '?'})",
-                step=report.step,
-                params=report.nonfinite,
-            )
-        threshold = report.spike_threshold or math.nan
-        raise GradientSpikeError(
-            f"gradient norm spike at step {report.step}: {_fmt(report.global_norm)} > threshold "
-            f"{_fmt(threshold)}; driven by {', '.join(report.spike_params) or '?'}",
-            step=report.step,
-            global_norm=report.global_norm,
-            threshold=threshold,
-        )
 
     # ------------------------------------------------------------------------------- helpers
 
@@ -895,9 +827,3 @@ def _detached(loss: Any) -> Any:
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
         return float(loss)
     raise ConfigTypeError(f"loss must be a tensor or a number, got {type(loss).__name__}")
-
-
-def _fmt(value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.4g}"

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
+
+import gradwatch as gw
 
 
 class TiedModel(nn.Module):
@@ -88,3 +93,74 @@ def defer_host_copies(watch) -> None:
         ring._events[number % ring.capacity] = PendingCopy()
 
     ring.commit = deferred_commit
+
+
+def train_steps(
+    model: nn.Module,
+    sinks: list,
+    steps: int,
+    *,
+    nan_at: int | None = None,
+    spike_at: int | None = None,
+    each_step: Callable[[], object] | None = None,
+    close: bool = True,
+    **watch_kwargs: Any,
+):
+    """A real GradWatch run: ``model`` (4 input features) trained with SGD, checked every step.
+
+    At step ``nan_at`` one gradient entry of the third parameter (``2.weight`` of an
+    ``nn.Sequential``) is set to NaN; at step ``spike_at`` every gradient is scaled by 1000. The
+    optimizer skips those steps, so each fault stays in one step, at a known place.
+
+    Args:
+        model: The model; seed torch before building it for a reproducible run.
+        sinks: Passed to ``GradWatch(sinks=...)``.
+        steps: Steps to run.
+        nan_at, spike_at: Steps to inject the faults at (None: never).
+        each_step: Called after every step (e.g. to advance a progress bar).
+        close: Close the watcher at the end; False only flushes it, as a killed process would
+            have left it (every record so far reached the sinks, no summary).
+        watch_kwargs: Passed to ``GradWatch``.
+
+    Returns:
+        The watcher (``watch.history``; ``watch.close()`` returns the summary again).
+    """
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    watch = gw.GradWatch(model, sinks=sinks, **watch_kwargs)
+    for step in range(steps):
+        loss = model(torch.randn(16, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        params = list(model.parameters())
+        if step == nan_at:
+            params[2].grad[0, 0] = float("nan")
+        if step == spike_at:
+            for p in params:
+                p.grad.mul_(1000.0)
+        watch.check(loss=loss)
+        if step not in (nan_at, spike_at):
+            opt.step()
+        if each_step is not None:
+            each_step()
+    if close:
+        watch.close()
+    else:
+        watch.flush()
+    return watch
+
+
+LONG_NAME = "encoder_block_eleven_self_attention_query_key_value_projection_without_bias_or_dropout"
+
+
+class LongNames(nn.Module):
+    """A layer whose name alone is wider than an 80-column CI log; its weight is the third
+    parameter, where ``train_steps(nan_at=...)`` puts the NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Linear(4, 8)
+        setattr(self, LONG_NAME, nn.Linear(8, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, LONG_NAME)(torch.relu(self.stem(x)))

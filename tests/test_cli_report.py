@@ -12,6 +12,8 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import LONG_NAME, LongNames, train_steps
+from rich.console import Console
 from torch import nn
 
 import gradwatch as gw
@@ -19,37 +21,26 @@ from gradwatch.cli import main
 from gradwatch.records import ParamInfo, ParamNorms, RunStart, StepReport
 from gradwatch.report.console import fmt
 from gradwatch.report.jsonl import JsonlSink
+from gradwatch.report.view import run_report
 
 image = pytest.importorskip("matplotlib.image")
 
 
-def _train(path, steps=40, *, nan_at=None, spike_at=None, every=1, close=True):
+def _train(path, steps=40, *, every=1, model=None, **kwargs):
+    """``train_steps`` (clipped at 0.3, spike warm-up 5) writing a run log to ``path``."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    watch = gw.GradWatch(
+    if model is None:
+        model = nn.Sequential(
+            nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1)
+        )
+    return train_steps(
         model,
-        sinks=[JsonlSink(path, every=every)],
+        [JsonlSink(path, every=every)],
+        steps,
         clip=gw.ClipNorm(0.3),
         spike_detector=gw.SpikeDetector(warmup=5),
+        **kwargs,
     )
-    for step in range(steps):
-        loss = model(torch.randn(16, 4)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        if step == nan_at:
-            model[2].weight.grad[0, 0] = float("nan")
-        if step == spike_at:
-            for p in model.parameters():
-                p.grad.mul_(1000.0)
-        watch.check(loss=loss)
-        if step not in (nan_at, spike_at):
-            opt.step()
-    if close:
-        watch.close()
-    else:
-        watch.flush()  # every record so far reached the sink; the process then dies
-    return watch
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +126,23 @@ def test_sampled_log_reports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "30 steps recorded, 6-29, one record every 7 steps" in out
     assert "gradwatch summary: 30 steps" in out and png.exists()
+
+
+def test_long_names_wrap_whole_in_an_80_column_report(tmp_path):
+    path = tmp_path / "long_names.jsonl"
+    _train(path, steps=8, nan_at=5, model=LongNames())
+    buffer = io.StringIO()
+    assert run_report(path, console=Console(file=buffer, width=80)) == 0  # not a terminal
+    out = buffer.getvalue()
+    assert "…" not in out
+    lines = out.splitlines()
+    table = [line for line in lines if line.startswith("│")]  # the per-layer table's rows
+    assert "".join(row.split("│")[1].strip() for row in table) == "stem" + LONG_NAME
+    after = lines[next(i for i, line in enumerate(lines) if line.startswith("events")) :]
+    timeline = [line for line in after if "│" in line]  # the event table's rows
+    messages = "".join(line.split("│")[-1].strip() for line in timeline)
+    assert f"NaN in gradient of`{LONG_NAME}.weight`" in messages  # folded, never cut
+    assert all(len(line) <= 80 for line in table + timeline)
 
 
 HEADER = b'{"type":"header","format":"gradwatch.jsonl","format_version":1,"params":[]}'

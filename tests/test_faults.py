@@ -224,12 +224,6 @@ def test_broken_pipe_never_kills_training(broken_pipe_run) -> None:
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (report/console.py): a broken pipe on a ConsoleSink's own file makes rich's "
-    "Console.on_broken_pipe dup2 /dev/null onto the process's stdout (fd 1), silencing the "
-    "user's healthy stdout for the rest of the run",
-)
 def test_broken_console_pipe_leaves_stdout_alone(broken_pipe_run) -> None:
     assert "stdout alive after A" in broken_pipe_run.stdout
 

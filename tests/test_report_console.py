@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import re
+import sys
 
 import pytest
 import rich
 import torch
+from conftest import LONG_NAME, LongNames, train_steps
 from rich.console import Console
 from rich.progress import Progress
 from torch import nn
 
 import gradwatch as gw
 from gradwatch.errors import ConfigTypeError
+from gradwatch.records import Event
 
 tqdm = pytest.importorskip("tqdm").tqdm
 
@@ -34,26 +39,9 @@ class _Net(nn.Module):
         return self.head(torch.relu(self.encoder(x)))
 
 
-def _train(sink, steps=6, *, nan_at=None, spike_at=None, model=None, each_step=None, **kwargs):
-    model = model if model is not None else _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    watch = gw.GradWatch(model, sinks=[sink], **kwargs)
-    for step in range(steps):
-        loss = model(torch.randn(16, 4)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        params = list(model.parameters())
-        if step == nan_at:
-            params[2].grad[0, 0] = float("nan")
-        if step == spike_at:
-            for p in params:
-                p.grad.mul_(1000.0)
-        watch.check(loss=loss)
-        if step not in (nan_at, spike_at):
-            opt.step()
-        if each_step is not None:
-            each_step()
-    watch.close()
+def _train(sink, steps=6, *, model=None, **kwargs):
+    """``train_steps`` with one sink; returns the watcher's reports."""
+    watch = train_steps(model if model is not None else _model(), [sink], steps, **kwargs)
     return list(watch.history)
 
 
@@ -156,3 +144,50 @@ def test_default_console_is_the_one_rich_progress_uses():
     assert gw.ConsoleSink().console is rich.get_console()
     with pytest.raises(ConfigTypeError, match=r"console must be a rich\.console\.Console"):
         gw.ConsoleSink(console=io.StringIO())  # type: ignore[arg-type]
+
+
+def test_long_layer_names_wrap_whole_in_an_80_column_log():
+    console, buffer = _plain_console()
+    console.width = 80  # not a terminal, as in CI
+    _train(gw.ConsoleSink(every=0, console=console), steps=3, nan_at=1, model=LongNames())
+    out = buffer.getvalue()
+    assert "…" not in out
+    assert f"gradwatch ⚠ step 1: NaN in gradient of `{LONG_NAME}.weight`" in out  # one line
+    rows = [line for line in out.splitlines() if line.startswith("│")]
+    assert len(rows) > 2 and all(len(row) <= 80 for row in rows)  # the name folds over rows
+    assert "".join(row.split("│")[1].strip() for row in rows) == "stem" + LONG_NAME
+    assert rows[1].split("│")[2].strip() != ""  # numbers on the long name's first line
+    assert rows[2].split("│")[2].strip() == ""  # continuation lines hold only the name
+
+
+def _broken_pipe_console() -> Console:
+    read, write = os.pipe()
+    os.close(read)
+    return Console(file=os.fdopen(write, "w"), width=100)
+
+
+def test_broken_pipe_raises_and_leaves_stdout_and_the_console_handler_alone(tmp_path, monkeypatch):
+    """rich's own handler would point stdout's descriptor at /dev/null and raise SystemExit."""
+    stdout = open(tmp_path / "stdout.txt", "w")  # noqa: SIM115 (closed below)
+    monkeypatch.setattr(sys, "stdout", stdout)  # a healthy stdout of its own, not pytest's
+    before = os.fstat(stdout.fileno())
+    plain, handled = _broken_pipe_console(), _broken_pipe_console()
+
+    def users_handler() -> None:
+        raise AssertionError("the sink's print reached the user's handler")
+
+    handled.on_broken_pipe = users_handler  # type: ignore[method-assign]
+    alert = Event(0, "spike", "step 0: gradient norm spike")
+    for console in (plain, handled):
+        with pytest.raises(BrokenPipeError):
+            gw.ConsoleSink(console=console).write(alert)
+        assert console.quiet  # nothing more goes to the dead pipe
+        with contextlib.suppress(BrokenPipeError):
+            console.file.close()
+    assert os.path.samestat(os.fstat(stdout.fileno()), before)
+    print("stdout alive", file=stdout, flush=True)
+    monkeypatch.undo()
+    stdout.close()
+    assert (tmp_path / "stdout.txt").read_text() == "stdout alive\n"
+    assert "on_broken_pipe" not in vars(plain)  # rich's handler again for the user's prints
+    assert vars(handled)["on_broken_pipe"] is users_handler

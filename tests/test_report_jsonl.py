@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import train_steps
 from torch import nn
 
 import gradwatch as gw
@@ -22,25 +23,10 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
 
 
-def _train(sinks, steps=30, *, nan_at=None, spike_at=None, model=None, **kwargs):
-    """A real GradWatch run; a NaN or a ×1000 spike is injected into the gradients on request."""
-    model = model if model is not None else _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    watch = gw.GradWatch(model, sinks=sinks, **kwargs)
-    for step in range(steps):
-        loss = model(torch.randn(16, 4)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        if step == nan_at:
-            model[2].weight.grad[0, 0] = float("nan")
-        if step == spike_at:
-            for p in model.parameters():
-                p.grad.mul_(1000.0)
-        watch.check(loss=loss)
-        if step not in (nan_at, spike_at):  # the fault stays in one step, at a known place
-            opt.step()
-    summary = watch.close()
-    return watch, summary
+def _train(sinks, steps=30, *, model=None, **kwargs):
+    """A real GradWatch run (``train_steps``); returns the watcher and its summary."""
+    watch = train_steps(model if model is not None else _model(), sinks, steps, **kwargs)
+    return watch, watch.close()
 
 
 def _same(a: float, b: float) -> bool:
@@ -237,6 +223,77 @@ def test_long_log_reads_back_exactly(tmp_path):
     log = read_run(path)
     np.testing.assert_array_equal(log.norms.astype(np.float32), values)
     assert log.nonfinite.sum() == 2 and np.isnan(log.loss).all()
+
+
+def _step(step: int, names: tuple[str, ...], values: np.ndarray, **fields) -> StepReport:
+    """A StepReport as the watcher makes one, for a log written without a model."""
+    norm = float(np.linalg.norm(values))
+    bad = tuple(n for n, v in zip(names, values) if not np.isfinite(v))
+    return StepReport(
+        step,
+        global_norm=norm,
+        clipped_norm=norm,
+        clip_coef=1.0,
+        param_norms=ParamNorms(names, values),
+        nonfinite=bad,
+        spike=False,
+        loss_spike=False,
+        skipped=False,
+        loss=None,
+        **fields,
+    )
+
+
+def test_nonfinite_ranks_round_trip_and_stay_out_of_normal_lines(tmp_path):
+    names = ("a.weight", "b.weight")
+    path = tmp_path / "ddp.jsonl"
+    sink = JsonlSink(path)
+    sink.write(RunStart("test", "test", tuple(ParamInfo(n, (2,), "float32") for n in names), {}, 0))
+    finite, broken = np.array([1.0, 2.0], np.float32), np.array([1.0, np.nan], np.float32)
+    sink.write(_step(0, names, finite))
+    sink.write(_step(1, names, broken, nonfinite_ranks=(1, 3)))
+    sink.write(_step(2, names, broken, nonfinite_ranks=(np.int64(2),)))  # numpy ints too
+    sink.write(_step(3, names, finite))
+    sink.close()
+    steps = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    assert [s.get("nonfinite_ranks") for s in steps] == [None, [1, 3], [2], None]
+    log = read_run(path)
+    assert log.nonfinite_ranks == ((1, (1, 3)), (2, (2,)))  # (row, ranks)
+    assert log.step[1] == 1 and log.first_nonfinite[1] == names.index("b.weight")
+
+
+def test_old_logs_nonfinite_label_value_reads_as_what(tmp_path):
+    path = tmp_path / "old.jsonl"
+    sink = JsonlSink(path)
+    sink.write(RunStart("test", "test", (ParamInfo("a.weight", (2,), "float32"),), {}, 0))
+    data = {"first": "a.weight", "what": "NaN", "global_norm": math.nan}
+    sink.write(gw.Event(3, "nonfinite", "step 3: NaN in `a.weight`", ("a.weight",), data))
+    sink.close()
+    old = {"first": "a.weight", "value": "Inf", "global_norm": "Infinity"}  # before the rename
+    lines = [
+        {"type": "event", "step": 5, "kind": "nonfinite", "params": ["a.weight"], "data": old},
+        {"type": "event", "step": 6, "kind": "skip", "data": {"value": "kept"}},
+    ]
+    with open(path, "a", encoding="utf-8") as file:
+        file.writelines(json.dumps(line) + "\n" for line in lines)
+    events = read_run(path).events
+    assert [e.data.get("what") for e in events] == ["NaN", "Inf", None]
+    assert "value" not in events[1].data and events[1].data["global_norm"] == "Infinity"
+    assert events[0].data["global_norm"] == "NaN"  # a number in data stays its string
+    assert events[2].data == {"value": "kept"}  # only a non-finite event's label is renamed
+
+
+@pytest.mark.parametrize("damage", ['"nonfinite":["x"]', '"nonfinite_ranks":["x"]'])
+def test_step_with_an_unreadable_sparse_field_is_skipped_whole(tmp_path, damage):
+    path = tmp_path / "damaged.jsonl"
+    _train([JsonlSink(path)], steps=5)
+    lines = path.read_text().splitlines(keepends=True)
+    lines[3] = lines[3].replace('"skipped":false', f'"skipped":false,{damage}', 1)  # step 2
+    path.write_text("".join(lines))
+    log = read_run(path)
+    assert log.bad_lines == 1
+    assert log.step.tolist() == [0, 1, 3, 4] and log.norms.shape == (4, 6)
+    assert not log.nonfinite.any() and log.nonfinite_ranks == ()
 
 
 @pytest.mark.parametrize(

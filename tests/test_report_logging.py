@@ -6,33 +6,19 @@ import logging
 
 import pytest
 import torch
+from conftest import train_steps
 from torch import nn
 
-import gradwatch as gw
 from gradwatch.errors import ConfigError, ConfigTypeError
 from gradwatch.records import Event, RunSummary
 from gradwatch.report.logging import LoggingSink
 
 
-def _train(sinks, steps=12, *, nan_at=None, spike_at=None, **kwargs):
+def _train(sinks, steps=12, **kwargs):
+    """``train_steps`` on a fresh, seeded model; returns the watcher's reports."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    watch = gw.GradWatch(model, sinks=sinks, **kwargs)
-    for step in range(steps):
-        loss = model(torch.randn(16, 4)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        if step == nan_at:
-            model[2].weight.grad[0, 0] = float("nan")
-        if step == spike_at:
-            for p in model.parameters():
-                p.grad.mul_(1000.0)
-        watch.check(loss=loss)
-        if step not in (nan_at, spike_at):
-            opt.step()
-    watch.close()
-    return list(watch.history)
+    return list(train_steps(model, sinks, steps, **kwargs).history)
 
 
 def _records(caplog, name="gradwatch"):

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import train_steps
 from torch import nn
 
 import gradwatch as gw
@@ -37,24 +38,9 @@ class _Net(nn.Module):
         return self.head(torch.relu(self.encoder(x)))
 
 
-def _train(model, sinks, steps=12, *, nan_at=None, spike_at=None, **kwargs):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    watch = gw.GradWatch(model, sinks=sinks, **kwargs)
-    for step in range(steps):
-        loss = model(torch.randn(16, 4)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        params = list(model.parameters())
-        if step == nan_at:
-            params[2].grad[0, 0] = float("nan")
-        if step == spike_at:
-            for p in params:
-                p.grad.mul_(1000.0)
-        watch.check(loss=loss)
-        if step not in (nan_at, spike_at):
-            opt.step()
-    watch.close()
-    return list(watch.history)
+def _train(model, sinks, steps=12, **kwargs):
+    """``train_steps``; returns the watcher's reports."""
+    return list(train_steps(model, sinks, steps, **kwargs).history)
 
 
 def _read(log_dir) -> EventAccumulator:

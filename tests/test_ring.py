@@ -2,7 +2,7 @@
 
 On CPU the host reads the device buffer directly; on accelerators each row is copied to a host
 buffer after it is written and read once the copy has landed. No GPU is needed to check that the
-copying mirror's bookkeeping (claim, commit, peek, drain order, wrap-around) is right: run it on
+copying mirror's bookkeeping (claim, commit, value, drain order, wrap-around) is right: run it on
 CPU and compare every report with the shared mirror's.
 """
 

@@ -177,7 +177,9 @@ def test_report_is_lazy_until_read_and_pickles() -> None:
     model = mlp(depth=1)
     watch = gw.GradWatch(model, sinks=[])
     model(torch.randn(2, 8)).sum().backward()
-    assert watch.check().is_resolved  # on CPU the row is on the host at once: emitted
+    first = watch.check()
+    assert not first.is_resolved  # no sink wants it yet: its emission waits for a batch
+    assert first.global_norm > 0 and first.is_resolved  # on CPU the row is on the host already
     defer_host_copies(watch)  # as on an accelerator: the row's copy is still in flight
     model(torch.randn(2, 8)).sum().backward()
     report = watch.check()

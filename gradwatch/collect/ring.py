@@ -103,10 +103,8 @@ class StatsRing:
             event.synchronize()  # type: ignore[attr-defined]
             self._events[number % self.capacity] = None
 
-    def peek(self, number: int, column: int) -> float | None:
-        """One value of row ``number`` if it is on the host already, else None (never waits)."""
-        if not self.ready(number):
-            return None
+    def value(self, number: int, column: int) -> float:
+        """One value of row ``number`` on the host (call after :meth:`ready` or :meth:`wait`)."""
         return float(self.host[number % self.capacity, column])
 
     def host_row(self, number: int) -> np.ndarray:

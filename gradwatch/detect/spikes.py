@@ -117,6 +117,7 @@ class ParamBaseline:
     def __init__(self, n_params: int, alpha: float = 0.97) -> None:
         self.alpha = alpha
         self.ema = np.full(n_params, np.nan)
+        self._complete = False  # every parameter has an EMA
 
     def culprits(self, norms: np.ndarray, k: int = 3, stand_out: float = 1.5) -> np.ndarray:
         """Indices of up to ``k`` parameters whose norm grew most relative to their own EMA.
@@ -146,11 +147,17 @@ class ParamBaseline:
 
     def update(self, norms: np.ndarray) -> None:
         """Fold one step's norms in; non-finite entries leave their parameter's EMA unchanged."""
+        ema = self.ema
+        if self._complete and math.isfinite(norms.sum()):  # the common step: two array ops
+            ema *= self.alpha
+            ema += (1.0 - self.alpha) * norms
+            return
         finite = np.isfinite(norms)
         fresh = finite & np.isnan(self.ema)
         self.ema[fresh] = norms[fresh]
         blend = finite & ~fresh
         self.ema[blend] = self.alpha * self.ema[blend] + (1.0 - self.alpha) * norms[blend]
+        self._complete = not np.isnan(self.ema).any()
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self.ema.tolist()}
@@ -162,3 +169,4 @@ class ParamBaseline:
                 f"ParamBaseline state has {ema.size} parameters, this watcher has {self.ema.size}"
             )
         self.ema = ema
+        self._complete = not np.isnan(ema).any()

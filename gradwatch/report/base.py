@@ -21,7 +21,7 @@ import numpy as np
 from gradwatch.errors import GradWatchWarning
 from gradwatch.records import LayerSummary, Record, RunSummary, StepReport
 
-__all__ = ["Sink", "SinkGroup", "StepAggregator", "layer_of"]
+__all__ = ["NEVER", "Sink", "SinkGroup", "StepAggregator", "layer_of"]
 
 
 class Sink:
@@ -41,8 +41,27 @@ class Sink:
         """Receive one record. Called on the training thread: keep it cheap."""
         raise NotImplementedError
 
+    def next_due(self, step: int) -> int:
+        """The first step after ``step`` that this sink needs as soon as it is computed.
+
+        Records always arrive in order and events (NaN/Inf, spikes, skipped steps) always at
+        once; the steps in between may reach a sink in batches of up to 32, which makes
+        monitoring cheaper. A sink that shows or stores something every N steps returns the step
+        its next output covers; one that wants every step at once (the default, e.g. to lose
+        nothing if the process is killed) returns ``step + 1``; one that never needs a step
+        early (a background writer) returns :data:`NEVER`.
+
+        Args:
+            step: The last step this sink has received.
+        """
+        return step + 1
+
     def close(self) -> None:
         """Release resources (files, writers). Called once, after the final summary."""
+
+
+NEVER = sys.maxsize
+"""What :meth:`Sink.next_due` returns for a sink that never needs a step early."""
 
 
 class SinkGroup:
@@ -61,6 +80,17 @@ class SinkGroup:
 
     def write(self, record: Record) -> None:
         self._each(lambda sink: sink.write(record), close_failed=True)
+
+    def next_due(self, step: int) -> int:
+        """The earliest :meth:`Sink.next_due` over the sinks (:data:`NEVER` without sinks)."""
+        due = NEVER
+        for sink in tuple(self.sinks):
+            try:
+                next_due = getattr(sink, "next_due", None)  # duck-typed sinks: every step
+                due = min(due, step + 1 if next_due is None else int(next_due(step)))
+            except (Exception, SystemExit) as err:
+                self._disable(sink, err)
+        return due
 
     def close(self) -> None:
         self._each(lambda sink: getattr(sink, "close", _nothing)(), close_failed=False)

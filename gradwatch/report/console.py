@@ -15,8 +15,13 @@ the output encoding cannot show ``⚠`` or box-drawing characters, plain ASCII i
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import math
+import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -28,7 +33,7 @@ from rich.text import Text
 from gradwatch.config import check_int
 from gradwatch.errors import ConfigTypeError
 from gradwatch.records import Event, Record, RunStart, RunSummary, StepReport
-from gradwatch.report.base import Sink, StepAggregator
+from gradwatch.report.base import NEVER, Sink, StepAggregator
 
 __all__ = ["ConsoleSink", "fmt", "summary_notes", "summary_table", "window_line"]
 
@@ -86,8 +91,11 @@ def summary_table(s: RunSummary, *, max_rows: int = 40) -> Table:
             norms are kept, in model order, and the rest folded into one line.
     """
     table = Table(title=f"gradwatch summary: {s.steps} steps", show_lines=False)
-    for column in ("layer", "min", "mean", "max", "last", "nan steps", "spike culprit"):
-        table.add_column(column, justify="left" if column == "layer" else "right")
+    # A long layer name wraps inside its cell rather than being cut ("…"): in an 80-column CI
+    # log the whole name stays readable.
+    table.add_column("layer", justify="left", overflow="fold")
+    for column in ("min", "mean", "max", "last", "nan steps", "spike culprit"):
+        table.add_column(column, justify="right")
     layers = list(s.layers)
     shown = layers
     if len(layers) > max_rows:
@@ -175,6 +183,13 @@ class ConsoleSink(Sink):
 
     # ------------------------------------------------------------------------------ records
 
+    def next_due(self, step: int) -> int:
+        """The step completing the current window, so its line prints on time (never if every=0)."""
+        if not self.every:
+            return NEVER
+        pending = self._window.steps if self._window is not None else 0
+        return step + self.every - pending
+
     def write(self, record: Record) -> None:
         if isinstance(record, StepReport):
             self._step(record)
@@ -221,11 +236,64 @@ class ConsoleSink(Sink):
         tqdm_write = _active_tqdm_write()
         soft = isinstance(renderable, Text)  # one logical line: never hard-wrap it
         if tqdm_write is None:
-            self.console.print(renderable, soft_wrap=soft)
+            with _broken_pipe_raises(self.console):
+                self.console.print(renderable, soft_wrap=soft)
             return
         with self.console.capture() as capture:
             self.console.print(renderable, soft_wrap=soft)
         tqdm_write(capture.get().rstrip("\n"), file=self.console.file)
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _broken_pipe_raises(console: Console) -> Iterator[None]:
+    """While the sink prints, a broken pipe raises ``BrokenPipeError`` and leaves stdout alone.
+
+    rich's ``Console.on_broken_pipe`` points the process's stdout (fd 1) at ``/dev/null`` and
+    raises ``SystemExit``, whatever file the console writes to: a sink whose own file broke would
+    silence the user's healthy stdout for the rest of the run. :func:`_on_broken_pipe` replaces
+    it for the sink's own prints only; the user's prints on a shared console keep their handler.
+    """
+    own = console.__dict__.get("on_broken_pipe", _MISSING)
+    console.on_broken_pipe = functools.partial(_on_broken_pipe, console)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if own is _MISSING:
+            console.__dict__.pop("on_broken_pipe", None)
+        else:
+            console.on_broken_pipe = own  # type: ignore[method-assign]
+
+
+def _on_broken_pipe(console: Console) -> None:
+    """The console's file is a broken pipe: quiet the console and raise, so the sink is disabled.
+
+    ``quiet`` stops the console writing to the dead file and drops what it could not write, as
+    rich does. The process's stdout is pointed at ``/dev/null`` only when it *is* the broken pipe
+    (``python train.py | head -1``), as rich does, so Python's flush of stdout at exit does not
+    fail again; a healthy stdout is never touched.
+    """
+    console.quiet = True
+    if _is_stdout(console.file):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    err = sys.exc_info()[1]  # rich calls this while handling the BrokenPipeError
+    if isinstance(err, BrokenPipeError):
+        raise err
+    raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
+def _is_stdout(file: Any) -> bool:
+    """``file`` writes to the same open file (pipe, terminal) as the process's stdout."""
+    try:
+        return os.path.samestat(os.fstat(file.fileno()), os.fstat(sys.stdout.fileno()))
+    except (AttributeError, OSError, ValueError):  # no descriptor (StringIO, pytest's capture)
+        return False
 
 
 def _active_tqdm_write() -> Any:

@@ -12,9 +12,10 @@ Format (``"format": "gradwatch.jsonl"``, version 1), one object per line, told a
 * ``step``: the fields of a :class:`~gradwatch.records.StepReport`. ``norms`` lists the
   per-parameter gradient norms *in header order* (``null`` where a parameter had no gradient) and
   is always the last key, so a reader can parse it in bulk; ``nonfinite`` and ``spike_params`` are
-  positions in that order, so a step costs one short line. Keys whose value is empty or None
+  positions in that order, so a step costs one short line. ``nonfinite_ranks`` lists the DDP
+  ranks a NaN/Inf came from (``rank_blame=True``). Keys whose value is empty or None
   (``skip_reason``, ``nonfinite``, ``spike_params``, ``spike_threshold``, ``scale``,
-  ``micro_batch_norms``) are left out.
+  ``micro_batch_norms``, ``nonfinite_ranks``) are left out.
   With ``every=N`` (N > 1) each written step also carries ``window``: statistics of the N steps
   it closes (first step, count, largest and mean finite global norm, clipped/spike/NaN/skipped
   counts, and ``norms_max``, each parameter's largest finite norm), so nothing that happened
@@ -25,7 +26,9 @@ Format (``"format": "gradwatch.jsonl"``, version 1), one object per line, told a
 Non-finite numbers are written as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``, so
 any standard JSON reader (``json``, ``jq``, pandas) accepts the file; :func:`decode_float` and the
 reader turn them back into floats. In an event's ``data`` they stay strings when read back, since
-there a string such as ``"NaN"`` can also be a label (``{"value": "NaN"}``).
+there a string such as ``"NaN"`` can also be a label: a non-finite event's ``{"what": "NaN"}``
+(``"NaN"`` or ``"Inf"``; older logs call it ``"value"``, which :func:`decode_event` reads back
+as ``"what"``).
 """
 
 from __future__ import annotations
@@ -113,13 +116,20 @@ def decode_float(value: Any) -> float:
 
 
 def decode_event(record: Mapping[str, Any]) -> Event:
-    """The :class:`~gradwatch.records.Event` of an ``event`` record."""
+    """The :class:`~gradwatch.records.Event` of an ``event`` record.
+
+    A non-finite event's label (``"NaN"``/``"Inf"``) is ``data["what"]``; in older logs it was
+    ``data["value"]``, which is renamed here, so readers look in one place whatever wrote the log.
+    """
+    data = dict(record.get("data") or {})
+    if record["kind"] == "nonfinite" and "what" not in data and isinstance(data.get("value"), str):
+        data["what"] = data.pop("value")
     return Event(
         step=int(record["step"]),
         kind=record["kind"],
         message=str(record.get("message", "")),
         params=tuple(record.get("params") or ()),
-        data=dict(record.get("data") or {}),
+        data=data,
     )
 
 
@@ -208,6 +218,12 @@ class JsonlSink(Sink):
         self._window: _Window | None = None
 
     # ------------------------------------------------------------------------------ records
+
+    def next_due(self, step: int) -> int:
+        """Every step at once, so a killed process loses no completed step (else each window's)."""
+        if self._window is None:
+            return step + 1
+        return step + self.every - self._window.steps
 
     def write(self, record: Record) -> None:
         if isinstance(record, StepReport):
@@ -304,6 +320,9 @@ class JsonlSink(Sink):
             parts.append(f',"scale":{num(report.scale)}')
         if report.micro_batch_norms:
             parts.append(f',"micro_batch_norms":[{",".join(map(num, report.micro_batch_norms))}]')
+        if report.nonfinite_ranks:
+            ranks = ",".join(str(int(r)) for r in report.nonfinite_ranks)
+            parts.append(f',"nonfinite_ranks":[{ranks}]')
         if self._window is not None:
             parts.append(f',"window":{self._window.to_json(num, single)}')
             self._window.reset()

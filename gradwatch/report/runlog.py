@@ -4,29 +4,23 @@ The reader is the other half of :class:`~gradwatch.report.jsonl.JsonlSink`. It i
 of long runs (100k steps parse in seconds: one ``json.loads`` per line, columns built with numpy)
 and for logs of runs that died: a truncated last line, or a half-written line left in the middle
 by a killed run that was later appended to, is skipped and counted, never fatal.
+
+This module turns the file into columns; :class:`RunLog` itself, and the questions asked of it
+(layer norms, a summary of a run that never closed), live in
+:mod:`gradwatch.report.runlog_arrays` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gradwatch.errors import GradWatchError
-from gradwatch.records import (
-    Event,
-    LayerSummary,
-    ParamInfo,
-    RunStart,
-    RunSummary,
-)
-from gradwatch.report.base import layer_of
+from gradwatch.records import Event, ParamInfo, RunStart, RunSummary
 from gradwatch.report.jsonl import (
     FORMAT,
     FORMAT_VERSION,
@@ -34,6 +28,7 @@ from gradwatch.report.jsonl import (
     decode_float,
     decode_summary,
 )
+from gradwatch.report.runlog_arrays import RunLog
 
 __all__ = ["RunLog", "RunLogError", "RunLogNotFoundError", "read_run"]
 
@@ -44,180 +39,6 @@ class RunLogError(GradWatchError, ValueError):
 
 class RunLogNotFoundError(RunLogError, FileNotFoundError):
     """The run log does not exist."""
-
-
-@dataclass(frozen=True, eq=False)
-class RunLog:
-    """One run read from a JSONL log, as arrays with one row per recorded step.
-
-    Arrays of per-step values have shape ``(steps,)``; per-parameter norms ``(steps, params)`` with
-    columns in :attr:`names` order. Non-finite values are NaN/inf; a parameter without a gradient
-    at a step is NaN in :attr:`norms` and False in :attr:`present`.
-
-    Attributes:
-        path: The file read.
-        header: The run's :class:`~gradwatch.records.RunStart` (parameters and configuration).
-        every: The sink's ``every``: 1 if every step was recorded.
-        step: Step index of each recorded step.
-        global_norm: Global gradient norm before clipping.
-        clipped_norm: Global norm after clipping.
-        clip_coef: Factor the gradients were scaled by.
-        loss: Loss, NaN where none was given.
-        spike_threshold: The spike detector's threshold, NaN during warm-up.
-        scale: GradScaler loss scale, NaN where none.
-        spike, loss_spike, skipped: Flags of each recorded step.
-        nonfinite: The step had a NaN/Inf gradient.
-        first_nonfinite: Column of the first parameter (in backward order) with a NaN/Inf
-            gradient, -1 where all were finite.
-        norms: Per-parameter gradient norms.
-        present: Which parameters had a gradient.
-        window_steps: Steps each record stands for (1, or up to ``every``).
-        peak_global_norm: Largest finite global norm over each record's window (with ``every=1``,
-            the global norm itself), so plots of sampled logs still show every spike.
-        peak_norms: Largest finite norm of each parameter over each record's window (with
-            ``every=1``, :attr:`norms`).
-        events: Every event of the run, in order (non-finite numbers in their ``data`` read back
-            as the strings ``"NaN"``/``"Infinity"``, see :mod:`gradwatch.report.jsonl`).
-        summary: The final summary, or None if the run did not close (killed, still running).
-        truncated: The last line was incomplete (the writer was killed mid-line) and was skipped.
-        bad_lines: Unreadable lines skipped, besides a truncated last line.
-        run_index: Which run of the file this is (a file appended to holds several).
-        run_count: Number of runs in the file.
-        window_totals: With ``every > 1``, event counts summed over all windows.
-        spike_columns: ``(row, columns)`` of the parameters blamed for each spike.
-    """
-
-    path: Path
-    header: RunStart
-    every: int
-    step: np.ndarray
-    global_norm: np.ndarray
-    clipped_norm: np.ndarray
-    clip_coef: np.ndarray
-    loss: np.ndarray
-    spike_threshold: np.ndarray
-    scale: np.ndarray
-    spike: np.ndarray
-    loss_spike: np.ndarray
-    skipped: np.ndarray
-    nonfinite: np.ndarray
-    first_nonfinite: np.ndarray
-    norms: np.ndarray
-    present: np.ndarray
-    window_steps: np.ndarray
-    peak_global_norm: np.ndarray
-    peak_norms: np.ndarray
-    events: tuple[Event, ...]
-    summary: RunSummary | None
-    truncated: bool
-    bad_lines: int
-    run_index: int
-    run_count: int
-    window_totals: Mapping[str, int] = field(default_factory=dict, repr=False)
-    spike_columns: tuple[tuple[int, tuple[int, ...]], ...] = field(default=(), repr=False)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        """Parameter names, in column order."""
-        return tuple(p.name for p in self.header.params)
-
-    def __len__(self) -> int:
-        return len(self.step)
-
-    def layer_names(self, depth: int | None = None) -> tuple[str, ...]:
-        """Layers in model order, grouped as :func:`~gradwatch.report.base.layer_of` does."""
-        return tuple(dict.fromkeys(layer_of(n, depth) for n in self.names))
-
-    def layer_norms(self, depth: int | None = None, *, peak: bool = False) -> np.ndarray:
-        """Each layer's gradient norm at each recorded step, shape ``(steps, layers)``.
-
-        A layer's norm is the L2 norm of its parameters' gradients together; NaN where none of its
-        parameters had a gradient, NaN/inf where one was non-finite.
-
-        Args:
-            depth: Group parameters by their first ``depth`` name parts (None: owning module).
-            peak: Combine :attr:`peak_norms` instead of :attr:`norms` (for sampled logs this is an
-                upper bound of the layer's largest norm in each window).
-        """
-        return self._layers(depth, peak)[0]
-
-    def layer_present(self, depth: int | None = None) -> np.ndarray:
-        """Whether each layer had any gradient at each recorded step, shape ``(steps, layers)``."""
-        return self._layers(depth, peak=False)[1]
-
-    def _layers(self, depth: int | None, peak: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Layer norms and whether each layer had any gradient, shape ``(steps, layers)``."""
-        values = self.peak_norms if peak else self.norms
-        present = ~np.isnan(values) if peak else self.present
-        layers = self.layer_names(depth)
-        index = {name: i for i, name in enumerate(layers)}
-        column_layer = np.array([index[layer_of(n, depth)] for n in self.names], dtype=np.intp)
-        if values.size == 0:
-            empty = np.full((len(values), len(layers)), np.nan)
-            return empty, np.zeros(empty.shape, dtype=np.bool_)
-        order = np.argsort(column_layer, kind="stable")
-        starts = np.searchsorted(column_layer[order], np.arange(len(layers)))
-        squares = np.where(present, np.square(values), 0.0)[:, order]
-        with np.errstate(invalid="ignore"):
-            norms = np.sqrt(np.add.reduceat(squares, starts, axis=1))
-        has = np.add.reduceat(present[:, order].astype(np.int32), starts, axis=1) > 0
-        norms[~has] = np.nan
-        return norms, has
-
-    def summarize(self, depth: int | None = None) -> RunSummary:
-        """A :class:`~gradwatch.records.RunSummary` computed from the recorded steps.
-
-        For runs that did not close (no summary record). With ``every > 1``, counts and maxima
-        cover every step (from the windows), minima and means the recorded steps only.
-        """
-        g = self.global_norm[np.isfinite(self.global_norm)]
-        peak = self.peak_global_norm[np.isfinite(self.peak_global_norm)]
-        layers = self.layer_names(depth)
-        norms, has = self._layers(depth, peak=False)
-        peaks, _ = self._layers(depth, peak=True)
-        index = {name: i for i, name in enumerate(layers)}
-        culprit = np.zeros(len(layers), dtype=np.int64)
-        for _, columns in self.spike_columns:
-            for column in columns:
-                culprit[index[layer_of(self.names[column], depth)]] += 1
-        summaries = []
-        for i, name in enumerate(layers):
-            column = norms[:, i]
-            ok = np.isfinite(column)
-            top = peaks[:, i][np.isfinite(peaks[:, i])]
-            summaries.append(
-                LayerSummary(
-                    name=name,
-                    min=float(column[ok].min()) if ok.any() else math.nan,
-                    mean=float(column[ok].mean()) if ok.any() else math.nan,
-                    max=float(top.max()) if len(top) else math.nan,
-                    last=float(column[-1]) if len(column) else math.nan,
-                    steps=int(ok.sum()),
-                    nonfinite_steps=int((has[:, i] & ~ok).sum()),
-                    spike_culprit=int(culprit[i]),
-                )
-            )
-        origins = tuple(
-            (e.step, e.params[0]) for e in self.events if e.kind == "nonfinite" and e.params
-        )[:100]
-        totals = self.window_totals
-        n = len(self)
-        return RunSummary(
-            steps=int(self.window_steps.sum()),
-            first_step=int(self.step[0] - self.window_steps[0] + 1) if n else None,
-            last_step=int(self.step[-1]) if n else None,
-            global_min=float(g.min()) if len(g) else math.nan,
-            global_mean=float(g.mean()) if len(g) else math.nan,
-            global_max=float(peak.max()) if len(peak) else math.nan,
-            global_last=float(self.global_norm[-1]) if n else math.nan,
-            clipped_steps=int(totals.get("clipped", (self.clip_coef < 1.0).sum())),
-            spikes=int(totals.get("spikes", self.spike.sum())),
-            loss_spikes=int(totals.get("loss_spikes", self.loss_spike.sum())),
-            nonfinite_steps=int(totals.get("nonfinite", self.nonfinite.sum())),
-            skipped_steps=int(totals.get("skipped", self.skipped.sum())),
-            layers=tuple(summaries),
-            nonfinite_origins=origins,
-        )
 
 
 def read_run(path: str | os.PathLike[str], *, run: int = -1) -> RunLog:
@@ -315,6 +136,7 @@ _NORMS_KEY = b',"norms":['
 _STEP_FLOATS = ("global_norm", "clipped_norm", "clip_coef", "loss", "spike_threshold", "scale")
 _STEP_FLAGS = ("spike", "loss_spike", "skipped")
 _WINDOW_COUNTS = ("clipped", "spikes", "loss_spikes", "nonfinite", "skipped")
+_STEP_EXTRAS = ("nonfinite", "spike_params", "nonfinite_ranks", "window")  # sparse step keys
 
 
 def _parse_numbers(text: bytes) -> np.ndarray:
@@ -352,6 +174,7 @@ class _Builder:
         self.heads: list[dict[str, Any]] = []
         self.first_nonfinite: dict[int, int] = {}
         self.spike_columns: list[tuple[int, tuple[int, ...]]] = []
+        self.nonfinite_ranks: list[tuple[int, tuple[int, ...]]] = []
         self.rows: list[bytes] = []
         self.chunks: list[np.ndarray] = []
         self.absent: list[tuple[int, list[bool]]] = []
@@ -390,10 +213,10 @@ class _Builder:
         expected = self.n_params - 1
         if (norms.count(b",") != expected) if self.n_params else norms.strip():
             raise ValueError("norm vector does not match the header's parameters")
-        row = len(self.steps)
-        self.steps.append(int(record["step"]))  # first: a bad step raises before any append
-        if "nonfinite" in record or "spike_params" in record or "window" in record:
+        row, step = len(self.steps), int(record["step"])  # a bad step raises before any append
+        if any(key in record for key in _STEP_EXTRAS):
             self._extras(row, record)
+        self.steps.append(step)
         if b"null" in norms:
             self.absent.append((row, [v != b"null" for v in norms.split(b",")]))
         self.heads.append(record)
@@ -402,13 +225,18 @@ class _Builder:
             self._flush_rows()
 
     def _extras(self, row: int, record: dict[str, Any]) -> None:
+        """A step's sparse fields, all parsed before any is kept: a bad one leaves no trace."""
         nonfinite = record.get("nonfinite")
-        if nonfinite:
-            self.first_nonfinite[row] = int(nonfinite[0])
-        if record.get("spike_params"):
-            columns = (int(c) for c in record["spike_params"])
-            self.spike_columns.append((row, tuple(c for c in columns if 0 <= c < self.n_params)))
+        first = int(nonfinite[0]) if nonfinite else None
+        columns = tuple(int(c) for c in record.get("spike_params") or ())
+        ranks = tuple(int(r) for r in record.get("nonfinite_ranks") or ())
         window = record.get("window")
+        if first is not None:
+            self.first_nonfinite[row] = first
+        if record.get("spike_params"):
+            self.spike_columns.append((row, tuple(c for c in columns if 0 <= c < self.n_params)))
+        if ranks:
+            self.nonfinite_ranks.append((row, ranks))
         if window is not None:
             self.windows[row] = window
 
@@ -490,4 +318,5 @@ class _Builder:
             run_count=count,
             window_totals=totals,
             spike_columns=tuple(self.spike_columns),
+            nonfinite_ranks=tuple(self.nonfinite_ranks),
         )

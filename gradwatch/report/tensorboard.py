@@ -26,7 +26,7 @@ from gradwatch._optional import require
 from gradwatch.config import check_int
 from gradwatch.errors import ConfigError
 from gradwatch.records import Event, Record, RunStart, RunSummary, StepReport
-from gradwatch.report.base import Sink, StepAggregator
+from gradwatch.report.base import NEVER, Sink, StepAggregator
 from gradwatch.report.console import fmt
 
 __all__ = ["TensorBoardSink"]
@@ -79,6 +79,10 @@ class TensorBoardSink(Sink):
         self._events: list[Event] = []
 
     # ------------------------------------------------------------------------------ records
+
+    def next_due(self, step: int) -> int:
+        """Never early: tensorboard's background writer flushes on its own schedule anyway."""
+        return NEVER
 
     def write(self, record: Record) -> None:
         if isinstance(record, StepReport):

@@ -129,7 +129,7 @@ def event_timeline(events: Sequence[Event]) -> Table | Text:
     table.add_column("steps", justify="right", no_wrap=True)
     table.add_column("event", no_wrap=True)
     table.add_column("count", justify="right")
-    table.add_column("first message")
+    table.add_column("first message", overflow="fold")  # a long parameter name wraps, never cut
     for group in rows[:30]:
         first, last = group[0].step, group[-1].step
         steps = str(first) if first == last else f"{first}-{last}"
