@@ -13,23 +13,35 @@ no torch) and returns :class:`~gradwatch.records.Finding` records, most causal f
   depth, or is far below the others (4+ orders of magnitude) or below an absolute floor.
 * ``"nonfinite"``: where the first NaN/Inf came from (forward or backward, which parameter and
   module, what preceded it).
-* ``"spike"`` / ``"loss_spike"``: flagged spikes that stand far above the run's level.
+* ``"spike"`` / ``"loss_spike"``: flagged spikes that stand far above the recent healthy level,
+  and whether they point at the data or at the learning rate.
 * ``"dead"``: gradients missing (unused parameters) or exactly zero (dead units) for many steps.
 
-Suggested clip thresholds come from the run's own distribution of finite, non-spike global norms:
-the median when the gradient explodes (clip most steps a little), the 90th percentile for spikes
-(clip only the outliers).
+The incident findings (nonfinite, spikes) are written by :mod:`gradwatch.detect.incident_findings`;
+what to say about clipping, by :mod:`gradwatch.detect.clip_advice`: a suggested ``max_norm`` comes
+from the run's own healthy (finite, non-spike) global norms, the median when the gradient explodes
+(clip most steps a little), a robust z-score against spikes (clip only the outliers), and a run
+that is already clipped is told what its clipper did, not to add one.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from gradwatch.detect.health import INPUT, HealthReport, NonFiniteOrigin
+from gradwatch.detect.clip_advice import Clipping, without_clip_advice
+from gradwatch.detect.health import HealthReport
+from gradwatch.detect.incident_findings import (
+    describe_origin,
+    loss_spike_finding,
+    names_list,
+    nonfinite_finding,
+    recurrent_types,
+    spike_finding,
+)
 from gradwatch.records import Finding
 
 __all__ = ["describe_origin", "diagnose_health"]
@@ -64,6 +76,7 @@ def diagnose_health(
     vanish_floor: float = 1e-8,
     spike_factor: float = 3.0,
     loss_factor: float = 2.0,
+    clip: Mapping[str, Any] | None = None,
 ) -> list[Finding]:
     """Turn what a run showed into findings with evidence and remedies.
 
@@ -75,24 +88,30 @@ def diagnose_health(
         vanish_span: Total decay through a chain that makes it vanishing.
         vanish_floor: Gradient-to-weight ratio below which a parameter's gradient has vanished
             whatever the others do.
-        spike_factor: A spike counts when it is this many times the run's median norm.
+        spike_factor: Spikes make a finding when one is this many times the recent healthy
+            norm (the ratio every spike message shows).
         loss_factor: A loss spike counts when it is this many times the recent loss level.
+        clip: The run's clipper settings (``clipper.config()``: ``{"name": "ClipNorm",
+            "max_norm": 1.0, ...}``), or None. A run with a clipper, or with clipped steps, is
+            not told to add clipping.
 
     Returns:
         Findings, most causal first: exploding, vanishing, nonfinite, spike, loss_spike, dead.
     """
-    quantiles = health.norm_quantiles
+    clipping = Clipping.of(health, clip)
     findings: list[Finding] = []
     for make in (_exploding, _vanishing):
         finding = make(health, growth, min_layers, explode_span, vanish_span, vanish_floor)
         if finding is not None:
             findings.append(finding)
+    if findings and findings[0].kind == "exploding" and clipping.on:
+        findings[0] = without_clip_advice(findings[0], clipping, health)
     if health.nonfinite:
-        findings.append(_nonfinite(health, quantiles.get(0.9, math.nan)))
-    spike = _spikes(health, spike_factor)
+        findings.append(nonfinite_finding(health, clipping))
+    spike = spike_finding(health, spike_factor, clipping)
     if spike is not None:
         findings.append(spike)
-    loss_spike = _loss_spikes(health, loss_factor)
+    loss_spike = loss_spike_finding(health, loss_factor, clipping)
     if loss_spike is not None:
         findings.append(loss_spike)
     findings.extend(_dead(health))
@@ -277,16 +296,23 @@ def _vanishing(
                 f"its update-to-weight ratio is {10**update:.1g}, below float32 resolution "
                 "(6e-8): these weights cannot change"
             )
-    remedies = (
+    remedies = [
         "saturating activations (sigmoid/tanh) in a deep stack squash the gradient: use "
         "ReLU/GELU in hidden layers",
         "initialise with Xavier (tanh/sigmoid) or Kaiming (ReLU) init",
         "add normalisation (LayerNorm/BatchNorm) or residual/skip connections",
-        "for recurrence, use an LSTM/GRU instead of a plain RNN",
-    )
+    ]
+    plain, gated = recurrent_types(health.types)
+    if plain:
+        remedies.append(f"for recurrence, use an LSTM/GRU instead of a plain {plain[0]}")
+    if any("LSTM" in t.upper() for t in gated):
+        remedies.append(
+            "the model already uses an LSTM: initialise its forget-gate biases to 1 so the cell "
+            "state carries the gradient across time steps (Jozefowicz et al., 2015)"
+        )
     rank = {position: r for r, position in enumerate(health.backward_order)}
     params = tuple(health.names[i] for i in sorted(flagged, key=rank.__getitem__))
-    return Finding("vanishing", params, "; ".join(parts), remedies, {})
+    return Finding("vanishing", params, "; ".join(parts), tuple(remedies), {})
 
 
 def _largest_update(health: HealthReport) -> tuple[str, float, int] | None:
@@ -297,158 +323,7 @@ def _largest_update(health: HealthReport) -> tuple[str, float, int] | None:
     return health.names[i], float(10 ** top[i]), int(health.update_max_step[i])
 
 
-# ------------------------------------------------------------------------------ events
-
-
-def describe_origin(origin: NonFiniteOrigin, *, step: bool = True) -> str:
-    """One sentence on where a step's NaN/Inf came from (used by events and findings).
-
-    Args:
-        origin: What the health detector recorded for the step.
-        step: Say at which step (events already start with it).
-    """
-    where = f"{origin.module_type} `{origin.module}`, shape {_shape(origin.shape)}"
-    at = f" first at step {origin.step}" if step else ""
-    what = (
-        f"NaN in gradient of `{origin.param}`"
-        if origin.value == "NaN"
-        else f"gradient of `{origin.param}` overflowed (norm Inf)"
-    )
-    text = (
-        f"{what}{at} ({where}), first in backward order of {origin.count} non-finite "
-        f"parameter{'s' if origin.count != 1 else ''}"
-    )
-    loss = _num(origin.loss)
-    if origin.stage == "forward":
-        if origin.loss is not None and not math.isfinite(origin.loss):
-            text += f"; the loss was already {loss}: the forward pass produced it"
-        else:
-            text += "; an activation was already non-finite in the forward pass"
-        if origin.forensics and origin.first_activation is None:
-            text += "; every module's output was finite: the loss computation itself produced it"
-    elif origin.stage == "backward":
-        finite = f"the loss was finite ({loss})" if origin.loss is not None else "forward finite"
-        text += f"; {finite}: it became non-finite in backward"
-    else:
-        text += "; pass loss= (or forensics=True) to tell a forward from a backward problem"
-    if origin.first_activation == INPUT:
-        text += "; the model's input already held NaN/Inf"
-    elif origin.first_activation is not None:
-        text += (
-            f"; first non-finite activation in forward order: output of "
-            f"`{origin.first_activation}` ({origin.first_activation_type})"
-        )
-    if origin.first_signal is not None:
-        text += (
-            f"; first non-finite backpropagated signal: gradient of `{origin.first_signal}` "
-            f"({origin.first_signal_type}) output"
-        )
-    for spike, what in ((origin.after_loss_spike, "loss"), (origin.after_spike, "gradient-norm")):
-        if spike is not None:
-            when = "with" if spike[0] == origin.step else "after"
-            text += f"; {when} a {what} spike ×{_num(spike[1])} at step {spike[0]}"
-    return text
-
-
-def _nonfinite(health: HealthReport, p90: float) -> Finding:
-    origin = health.nonfinite[0]
-    evidence = describe_origin(origin)
-    if health.nonfinite_count > 1:
-        evidence += f"; {health.nonfinite_count} non-finite steps in all"
-    suggested: dict[str, float] = {}
-    remedies = []
-    forward = origin.stage == "forward"
-    spiked = origin.after_loss_spike is not None or origin.after_spike is not None
-    if spiked:
-        remedies.append(
-            "it followed a spike: the weights were thrown off by large steps; check the "
-            "learning rate / warm-up"
-        )
-    if forward:
-        remedies.append(
-            "look for the NaN/Inf source in the forward pass: the input batch, log of 0, "
-            "division by 0, exp overflow, sqrt of a negative; clamp or add an epsilon"
-        )
-        if origin.forensics and origin.first_activation is None:
-            remedies.append(
-                "the model's outputs were finite: make the loss robust to large outputs (e.g. "
-                "a log-space or Huber loss, or compute it in float64) and check the targets"
-            )
-        elif origin.first_activation is None:
-            remedies.append(
-                "run with GradWatch(model, forensics=True) to name the first module whose "
-                "output goes non-finite"
-            )
-    if (spiked or not forward) and math.isfinite(p90):
-        remedies.append(
-            "clip by norm so one large step cannot overflow: "
-            f"gradwatch.ClipNorm({p90:.3g}) (90th percentile of this run's norms)"
-        )
-        suggested["max_norm"] = float(f"{p90:.3g}")
-    remedies.append("lower the learning rate or add warm-up")
-    if not forward:
-        remedies.append("in float16, use torch.amp.GradScaler or train in bfloat16")
-    remedies.append('on_nonfinite="skip" keeps a bad step from reaching the weights')
-    params = (origin.param,) if origin.param else ()
-    return Finding("nonfinite", params, evidence, tuple(remedies), suggested)
-
-
-def _spikes(health: HealthReport, factor: float) -> Finding | None:
-    median = health.norm_quantiles.get(0.5, math.nan)
-    big = [s for s in health.spikes if math.isfinite(median) and s.value >= factor * median]
-    if not big:
-        return None
-    steps = [s.step for s in big]
-    top = max(big, key=lambda s: s.value)
-    culprits = sorted(health.spike_params, key=lambda n: -health.spike_params[n])[:3]
-    period = _period(steps)
-    evidence = (
-        f"gradient-norm spikes at {len(big)} step{'s' if len(big) > 1 else ''} "
-        f"(first at step {steps[0]}{f', every ~{period:.0f} steps' if period else ''}), up to "
-        f"×{top.value / median:.3g} the run's median norm {median:.3g} (step {top.step})"
-    )
-    if culprits:
-        evidence += f"; driven by {_names(culprits)}"
-    p90 = health.norm_quantiles.get(0.9, math.nan)
-    remedies = []
-    suggested: dict[str, float] = {}
-    if math.isfinite(p90):
-        remedies.append(
-            f"clip by norm at about the 90th percentile of this run's norms: "
-            f"gradwatch.ClipNorm({p90:.3g})"
-        )
-        suggested["max_norm"] = float(f"{p90:.3g}")
-    remedies.append("or let the threshold follow the run: gradwatch.ClipZScore() (ZClip)")
-    if any("weight_hh" in name for name in culprits):
-        remedies.append(
-            "the recurrent weight drives them: initialise weight_hh orthogonally (or smaller), "
-            "or use an LSTM/GRU; clipping by norm is the standard fix for RNNs"
-        )
-    if period:
-        remedies.append(
-            f"spikes every ~{period:.0f} steps point at the data: inspect the batches at those "
-            "steps (an epoch boundary, a bad shard, unusually long sequences)"
-        )
-    remedies.append("lower the learning rate or lengthen warm-up")
-    return Finding("spike", tuple(culprits), evidence, tuple(remedies), suggested)
-
-
-def _loss_spikes(health: HealthReport, factor: float) -> Finding | None:
-    big = [s for s in health.loss_spikes if not s.ratio < factor]  # unknown level (NaN) counts
-    if not big:
-        return None
-    top = max(big, key=lambda s: s.ratio if math.isfinite(s.ratio) else math.inf)
-    size = f" ×{top.ratio:.3g} its recent level" if math.isfinite(top.ratio) else ""
-    evidence = (
-        f"loss spiked at {len(big)} step{'s' if len(big) > 1 else ''} (first at step "
-        f"{big[0].step}), up to{size} (step {top.step}: loss {_num(top.value)})"
-    )
-    remedies = (
-        "lower the learning rate or add/lengthen warm-up",
-        "inspect the batches at those steps for outliers or corrupt samples",
-        "clip gradients by norm so one bad batch cannot move the weights far",
-    )
-    return Finding("loss_spike", (), evidence, remedies, {})
+# ------------------------------------------------------------------------------ dead
 
 
 def _dead(health: HealthReport) -> list[Finding]:
@@ -470,7 +345,7 @@ def _dead(health: HealthReport) -> list[Finding]:
             span += f" (since step {since})"
         if is_missing:
             evidence = (
-                f"{_names(names)} received no gradient (grad is None) {span}: not used in "
+                f"{names_list(names)} received no gradient (grad is None) {span}: not used in "
                 "the forward pass"
             )
             remedies = (
@@ -480,7 +355,7 @@ def _dead(health: HealthReport) -> list[Finding]:
                 "find_unused_parameters=True",
             )
         else:
-            evidence = f"{_names(names)} gradient exactly zero {span}: dead units"
+            evidence = f"{names_list(names)} gradient exactly zero {span}: dead units"
             remedies = (
                 "units behind a ReLU that never activates (dead ReLU): use LeakyReLU/GELU, "
                 "lower the learning rate, or re-initialise the layer feeding them",
@@ -489,30 +364,3 @@ def _dead(health: HealthReport) -> list[Finding]:
             )
         findings.append(Finding("dead", tuple(names), evidence, remedies, {}))
     return findings
-
-
-# ------------------------------------------------------------------------------ helpers
-
-
-def _period(steps: Sequence[int]) -> float | None:
-    """The typical interval between events, when there are 3+, regular and apart (not a burst)."""
-    if len(steps) < 3:
-        return None
-    gaps = np.diff(np.asarray(steps, dtype=np.float64))
-    mean = float(gaps.mean())
-    return mean if mean >= 3 and float(gaps.std()) <= 0.25 * mean else None
-
-
-def _names(names: Sequence[str], limit: int = 4) -> str:
-    shown = ", ".join(f"`{n}`" for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _shape(shape: tuple[int, ...]) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
-
-
-def _num(value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.3g}" if math.isfinite(value) else str(value).lower()

@@ -541,11 +541,6 @@ def test_checkpoint_resume_continues_exactly(tmp_path: Path, clip: str) -> None:
     watch.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: state_dict() now carries the health detector, but the spike drivers the "
-    "diagnosis names after a resume still differ from an uninterrupted run's",
-)
 def test_checkpoint_resume_keeps_the_diagnosis() -> None:
     model, opt, watch = _build("none")
     _segment(model, opt, watch, 0, 40)
@@ -556,8 +551,11 @@ def test_checkpoint_resume_keeps_the_diagnosis() -> None:
     model, opt, watch = _build("none")
     _segment(model, opt, watch, 0, 20)
     state = copy.deepcopy(watch.state_dict())
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})
     watch.close()
     model, opt, watch = _build("none")
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
     watch.load_state_dict(state)
     _segment(model, opt, watch, 20, 40)
     assert [(f.kind, f.params) for f in watch.diagnose()] == expected

@@ -10,6 +10,7 @@ input, and so does the backpropagated signal.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -217,3 +218,143 @@ def test_health_detector_arguments_are_validated() -> None:
         gw.GradWatch(nn.Linear(2, 2), sinks=[], forensics=1)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"forensics=True needs the model as an nn\.Module"):
         gw.GradWatch(nn.Linear(2, 2).named_parameters(), sinks=[], forensics=True)
+
+
+# ------------------------------------------------------------------------------ resume, context
+
+
+def _resumable() -> tuple[nn.Module, torch.optim.Optimizer, gw.GradWatch]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    detector = gw.SpikeDetector(warmup=6)
+    watch = gw.GradWatch(
+        model, sinks=[], on_nonfinite="skip", forensics=True, spike_detector=detector
+    )
+    return model, opt, watch.attach(opt)
+
+
+def _faulty_steps(model, opt, watch, start: int, stop: int) -> None:
+    """Steps with two gradient spikes (27, 58) and a NaN gradient (44, skipped)."""
+    for step in range(start, stop):
+        gen = torch.Generator().manual_seed(step)
+        x, y = torch.randn(16, 4, generator=gen), torch.randn(16, 1, generator=gen)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        with watch.backward(loss=loss):
+            loss.backward()
+        if step in (27, 58):
+            _scale_grads(model, 30.0)
+        if step == 44:
+            model[0].bias.grad[0] = math.nan
+        opt.step()
+
+
+def _scale_grads(model: nn.Module, factor: float) -> None:
+    torch._foreach_mul_([p.grad for p in model.parameters()], factor)
+
+
+def test_resume_mid_batch_is_bit_identical_to_an_uninterrupted_run() -> None:
+    """A checkpoint at step 20, mid-way through a 32-step batch, changes no bit of the report.
+
+    The statistics are sums over steps: absorbed as one batch sum they rounded differently when
+    ``state_dict()`` cut the batch at the checkpoint, so a resumed run drifted in the last bits.
+    """
+    model, opt, watch = _resumable()
+    _faulty_steps(model, opt, watch, 0, 70)
+    expected, expected_findings = watch.health_detector.report(), watch.diagnose()
+    watch.close()
+    assert {"nonfinite", "spike"} <= {f.kind for f in expected_findings}
+
+    model, opt, watch = _resumable()
+    _faulty_steps(model, opt, watch, 0, 20)
+    checkpoint = copy.deepcopy(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "gw": watch.state_dict()}
+    )
+    watch.close()
+    model, opt, watch = _resumable()
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["opt"])
+    watch.load_state_dict(checkpoint["gw"])
+    _faulty_steps(model, opt, watch, 20, 70)
+    report = watch.health_detector.report()
+    for field in dataclasses.fields(report):
+        a, b = getattr(expected, field.name), getattr(report, field.name)
+        if isinstance(a, np.ndarray):
+            np.testing.assert_array_equal(a, b, err_msg=field.name)  # exact, not allclose
+        else:
+            assert a == b, field.name
+    assert watch.diagnose() == expected_findings
+    watch.close()
+
+
+def test_spikes_record_the_rise_before_them_and_the_learning_rate_change() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    watch = gw.GradWatch(model, sinks=[]).attach(opt)
+
+    def lr(step: int) -> float:
+        return 1e-3 * (1 + step / 10)
+
+    for step in range(60):
+        opt.param_groups[0]["lr"] = lr(step)
+        gen = torch.Generator().manual_seed(step)
+        opt.zero_grad()
+        nn.functional.mse_loss(
+            model(torch.randn(32, 4, generator=gen)), torch.ones(32, 1)
+        ).backward()
+        if step == 45:
+            _scale_grads(model, 40.0)
+        opt.step()
+    watch.flush()
+    health = watch.health_detector.report()
+    (spike,) = [s for s in health.spikes if s.step == 45]
+    # The learning rate of the step before over the one 20 steps before that (known exactly).
+    assert spike.lr_change == pytest.approx(lr(44) / lr(25), rel=1e-12)
+    assert 0.5 < spike.rise < 2.0  # steady gradients before the bad batch
+    watch.close()
+
+
+def test_clipped_steps_and_clipped_spikes_are_counted() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    watch = gw.GradWatch(model, sinks=[], clip=gw.ClipNorm(2.5)).attach(opt)
+    for step in range(50):
+        gen = torch.Generator().manual_seed(step)
+        opt.zero_grad()
+        nn.functional.mse_loss(
+            model(torch.randn(32, 4, generator=gen)), torch.ones(32, 1)
+        ).backward()
+        if step in (30, 40):
+            _scale_grads(model, 40.0)
+        opt.step()
+    watch.flush()
+    health = watch.health_detector.report()
+    history = list(watch.history)
+    summary = watch.close()
+    assert 0 < health.clipped_steps == summary.clipped_steps < summary.steps
+    assert health.spikes_clipped == sum(r.spike and r.clipped for r in history) >= 2
+    assert health.calm_steps == sum(math.isfinite(r.global_norm) and not r.spike for r in history)
+
+
+@pytest.mark.parametrize(
+    ("growth", "noise", "expected"),
+    [(1.05, 0.0, 1.05**19), (1.0, 0.3, 1.0)],
+    ids=["steady-growth", "flat-noise"],
+)
+def test_rise_is_the_steady_trend_of_the_healthy_norm(growth, noise, expected) -> None:
+    """Known gradients: x1.05 a step for 20 healthy steps is a rise of 1.05^19; noise is none."""
+    model = nn.Linear(1, 1, bias=False)
+    watch = gw.GradWatch(model, sinks=[], spike_detector=gw.SpikeDetector(min_ratio=50.0))
+    rng = np.random.default_rng(0)
+    for step in range(40):
+        value = 1e6 if step == 39 else growth**step * (1 + noise * rng.uniform(-1, 1))
+        model.weight.grad = torch.full((1, 1), value)
+        watch.check()
+    watch.flush()
+    (spike,) = watch.health_detector.report().spikes
+    assert spike.step == 39
+    assert spike.rise == pytest.approx(expected, rel=1e-5)
+    watch.close()

@@ -52,6 +52,10 @@ class NonFiniteOrigin:
         after_loss_spike: ``(step, ratio to the run's level)`` of a loss spike shortly before.
         forensics: Activations were watched at this step (so ``first_activation`` None means
             every hooked module's output was finite).
+        rise: Steady growth of the healthy global norm over the healthy steps just before (see
+            :class:`SpikeRecord`), or None.
+        lr_change: Learning rate of the previous step over the one 20 steps earlier, or None
+            (no optimizer attached).
     """
 
     step: int
@@ -70,15 +74,32 @@ class NonFiniteOrigin:
     after_spike: tuple[int, float] | None = None
     after_loss_spike: tuple[int, float] | None = None
     forensics: bool = False
+    rise: float | None = None
+    lr_change: float | None = None
 
 
 class SpikeRecord(NamedTuple):
-    """A flagged spike: its step, value, ratio to the run's recent level, and culprits."""
+    """A flagged spike (of the gradient norm or of the loss) and what led up to it.
+
+    Attributes:
+        step: The step.
+        value: The global norm (or the loss).
+        ratio: ``value`` over the median of the recent healthy values (NaN when none yet).
+        params: The parameters that drove it (gradient-norm spikes).
+        rise: Steady growth of the healthy global norm over the last 20 healthy steps before
+            it: the factor a least-squares line through log(norm) spans, when the line explains
+            at least half the variance; 1 when there is no such trend (flat or noisy), None
+            with fewer than 10 healthy steps.
+        lr_change: Learning rate of the previous step over the one 20 steps before it; None
+            when no optimizer is attached.
+    """
 
     step: int
     value: float
     ratio: float
     params: tuple[str, ...]
+    rise: float | None = None
+    lr_change: float | None = None
 
 
 @dataclass(frozen=True)
@@ -110,7 +131,7 @@ class HealthReport:
         norm_quantiles: ``{0.5: median, 0.9: ..., 0.99: ...}`` of finite, non-spike global norms.
         norm_max: Largest finite global norm.
         spikes: Gradient-norm spikes (the first ones).
-        spike_count: All gradient-norm spikes.
+        spike_count: All gradient-norm spikes (the number the run summary shows).
         loss_spikes: Loss spikes (the first ones).
         loss_spike_count: All loss spikes.
         nonfinite: Origins of the first non-finite steps.
@@ -121,6 +142,13 @@ class HealthReport:
         signal_order: Hooked modules in backward order (nearest the loss first).
         signal_log: Mean log10 max-abs gradient of each module's output.
         activation_log: Mean log10 max-abs output of each module (then the input, last).
+        calm_steps: Healthy steps (finite, not a spike): those ``norm_quantiles`` are taken over.
+        calm_log_norms: Their global norms as a histogram: log10 centre of each non-empty bin
+            (bins 0.01 wide).
+        calm_counts: Healthy steps in each of those bins.
+        clipped_steps: Steps whose gradients were scaled down (by the clipper or
+            ``on_spike="clip"``).
+        spikes_clipped: Of the gradient-norm spikes, those that were scaled down.
     """
 
     names: tuple[str, ...]
@@ -155,15 +183,32 @@ class HealthReport:
     signal_order: tuple[int, ...] = ()
     signal_log: np.ndarray = field(default_factory=lambda: np.zeros(0))
     activation_log: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    calm_steps: int = 0
+    calm_log_norms: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    calm_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    clipped_steps: int = 0
+    spikes_clipped: int = 0
 
 
 def _pair(value: Any) -> tuple[int, float] | None:
     return None if value is None else (int(value[0]), float(value[1]))
 
 
+def _maybe(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 def spike_from_state(values: Sequence[Any]) -> SpikeRecord:
-    """A :class:`SpikeRecord` from its ``state_dict`` form (a list)."""
-    return SpikeRecord(int(values[0]), float(values[1]), float(values[2]), tuple(values[3]))
+    """A :class:`SpikeRecord` from its ``state_dict`` form (a list; older states lack context)."""
+    rise, lr_change = [*values[4:6], None, None][:2]
+    return SpikeRecord(
+        int(values[0]),
+        float(values[1]),
+        float(values[2]),
+        tuple(values[3]),
+        _maybe(rise),
+        _maybe(lr_change),
+    )
 
 
 def origin_to_state(origin: NonFiniteOrigin) -> dict[str, Any]:
@@ -180,4 +225,6 @@ def origin_from_state(state: dict[str, Any]) -> NonFiniteOrigin:
     values["shape"] = tuple(values["shape"])
     for name in ("after_spike", "after_loss_spike"):
         values[name] = _pair(values[name])
+    for name in ("rise", "lr_change"):
+        values[name] = _maybe(values.get(name))
     return NonFiniteOrigin(**values)

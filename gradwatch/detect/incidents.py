@@ -1,0 +1,276 @@
+"""The run's incidents: gradient-norm spikes, loss spikes, where NaN/Inf started, and their context.
+
+:class:`IncidentLog` is fed every emitted step, in order, with host values only (no batching, so
+nothing depends on when a batch was absorbed). For each incident it keeps what the diagnosis needs
+to tell a bad batch from a learning rate that is too high: the ratio to the recent healthy level,
+how much the healthy gradient norm rose over the steps before (``rise``), and how much the
+learning rate changed over them (``lr_change``). It also counts the steps the clipper (or
+``on_spike="clip"``) scaled down, so the diagnosis knows the run was already clipped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gradwatch.detect.episodes import GAP
+from gradwatch.detect.health_report import (
+    INPUT,
+    NonFiniteOrigin,
+    SpikeRecord,
+    origin_from_state,
+    origin_to_state,
+    spike_from_state,
+)
+from gradwatch.records import StepReport
+
+if TYPE_CHECKING:
+    from gradwatch.collect.forensics import StepProbe
+
+__all__ = ["KEEP", "WINDOW", "IncidentLog"]
+
+RECENT = 64
+"""Recent healthy values kept to express a spike as a ratio to the run's level."""
+KEEP = 200
+"""Spikes and NaN origins remembered (the first ones)."""
+WINDOW = 20
+"""A spike this many steps or fewer before a NaN is its precursor; also the span of ``rise`` and
+``lr_change``."""
+_MIN_TREND = 10
+"""Fewest healthy steps to fit the trend behind ``rise``."""
+_STEADY = 0.5
+"""Share of the variance of log(norm) a line must explain to count as a steady trend."""
+
+
+class IncidentLog:
+    """Spikes, loss spikes and NaN/Inf origins of a run, each with its context.
+
+    Args:
+        names: Watched parameter names.
+        modules: Owning module of each.
+        types: Owning module's class name of each.
+        shapes: Shape of each.
+        probe: The watcher's step probe (forensics: which module went non-finite first).
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        modules: Sequence[str],
+        types: Sequence[str],
+        shapes: Sequence[tuple[int, ...]],
+        probe: StepProbe,
+    ) -> None:
+        self.names, self.modules, self.types, self.shapes = names, modules, types, shapes
+        self._probe = probe
+        acts = probe.activations
+        self.signal_modules = acts.names if acts is not None else ()
+        self.signal_types = acts.types if acts is not None else ()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything seen so far."""
+        self.spikes: list[SpikeRecord] = []
+        self.loss_spikes: list[SpikeRecord] = []
+        self.spike_count = self.loss_spike_count = 0
+        self.origins: list[NonFiniteOrigin] = []
+        self.nonfinite_count = 0
+        self.spike_params: Counter[str] = Counter()
+        self.clipped_steps = self.spikes_clipped = 0
+        self._recent_norms: deque[float] = deque(maxlen=RECENT)
+        self._recent_losses: deque[float] = deque(maxlen=RECENT)
+        self._lrs: deque[tuple[int, float]] = deque(maxlen=WINDOW + 1)
+        # (first step, its ratio, latest step) of the current episode of spikes
+        self._last_spike: tuple[int, float, int] | None = None
+        self._last_loss_spike: tuple[int, float, int] | None = None
+
+    def update(self, report: StepReport, probe: Any, has_grads: bool) -> NonFiniteOrigin | None:
+        """Feed one emitted step. Returns where its NaN/Inf came from, if it had any.
+
+        Args:
+            report: The step's filled report.
+            probe: The step's :class:`~gradwatch.collect.forensics.Probe`, or None.
+            has_grads: Some watched parameter had a gradient at this step.
+        """
+        step, global_norm, loss = report.step, report.global_norm, report.loss
+        finite = not report.nonfinite and math.isfinite(global_norm)
+        rise, lr_change = self._rise(), self._lr_change(step)
+        if report.clipped:
+            self.clipped_steps += 1
+        if report.spike:
+            ratio = global_norm / _median(self._recent_norms)
+            self._last_spike = _episode(self._last_spike, step, ratio)
+            self.spike_count += 1
+            self.spikes_clipped += report.clipped
+            self.spike_params.update(report.spike_params)
+            if len(self.spikes) < KEEP:
+                record = SpikeRecord(step, global_norm, ratio, report.spike_params, rise, lr_change)
+                self.spikes.append(record)
+        elif finite and has_grads:
+            self._recent_norms.append(global_norm)
+        if report.loss_spike and loss is not None:
+            ratio = loss / _median(self._recent_losses)
+            self._last_loss_spike = _episode(self._last_loss_spike, step, ratio)
+            self.loss_spike_count += 1
+            if len(self.loss_spikes) < KEEP:
+                self.loss_spikes.append(SpikeRecord(step, loss, ratio, (), rise, lr_change))
+        elif loss is not None and math.isfinite(loss):
+            self._recent_losses.append(loss)
+        lrs = getattr(probe, "lrs", None)
+        if lrs:
+            self._lrs.append((step, float(max(lrs))))
+        if not report.nonfinite:
+            return None
+        return self._origin(report, probe, rise, lr_change)
+
+    def _rise(self) -> float | None:
+        """Steady growth of the healthy norm over the last ``WINDOW`` healthy steps.
+
+        A least-squares line through log10(norm): the growth factor it spans, when it explains
+        at least half the variance (R² >= 0.5, a trend rather than noise), else 1.
+        """
+        recent = np.log10(np.asarray(list(self._recent_norms)[-WINDOW:]))
+        if len(recent) < _MIN_TREND or not np.isfinite(recent).all():
+            return None
+        x = np.arange(len(recent), dtype=np.float64)
+        slope, intercept = np.polyfit(x, recent, 1)
+        residual = float(np.sum((recent - (slope * x + intercept)) ** 2))
+        total = float(np.sum((recent - recent.mean()) ** 2))
+        if total == 0 or 1.0 - residual / total < _STEADY:
+            return 1.0
+        return float(10 ** (slope * (len(recent) - 1)))
+
+    def _lr_change(self, step: int) -> float | None:
+        """Learning rate of the latest step seen over the earliest within ``WINDOW`` steps."""
+        lrs = [lr for s, lr in self._lrs if step - s <= WINDOW]
+        if not lrs or lrs[0] <= 0:
+            return None
+        return lrs[-1] / lrs[0]
+
+    def _origin(
+        self, report: StepReport, probe: Any, rise: float | None, lr_change: float | None
+    ) -> NonFiniteOrigin:
+        first = report.nonfinite[0]
+        i = self.names.index(first)
+        value = report.param_norms.get(first, math.nan)
+        loss = report.loss
+        first_act = first_sig = None
+        watched = False
+        acts = self._probe.activations
+        if acts is not None and probe is not None and probe.forward_calls:
+            first_act, first_sig = acts.first_nonfinite(probe)
+            watched = True
+        if loss is not None and not math.isfinite(loss):
+            stage = "forward"
+        elif loss is not None:
+            stage = "backward"
+        elif watched:
+            stage = "forward" if first_act is not None else "backward"
+        else:
+            stage = "unknown"
+        origin = NonFiniteOrigin(
+            step=report.step,
+            param=first,
+            value="NaN" if math.isnan(value) else "Inf",
+            module=self.modules[i],
+            module_type=self.types[i],
+            shape=self.shapes[i],
+            count=len(report.nonfinite),
+            loss=loss,
+            stage=stage,
+            first_activation=self._module_name(first_act),
+            first_activation_type=self._module_type(first_act),
+            first_signal=self._module_name(first_sig),
+            first_signal_type=self._module_type(first_sig),
+            after_spike=_recent(self._last_spike, report.step),
+            after_loss_spike=_recent(self._last_loss_spike, report.step),
+            forensics=watched,
+            rise=rise,
+            lr_change=lr_change,
+        )
+        self.nonfinite_count += 1
+        if len(self.origins) < KEEP:
+            self.origins.append(origin)
+        return origin
+
+    def _module_name(self, j: int | None) -> str | None:
+        if j is None:
+            return None
+        return INPUT if j >= len(self.signal_modules) else self.signal_modules[j]
+
+    def _module_type(self, j: int | None) -> str | None:
+        if j is None or j >= len(self.signal_types):
+            return None
+        return self.signal_types[j]
+
+    # ---------------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values to continue exactly where the run stopped."""
+        return {
+            "spikes": [list(s) for s in self.spikes],
+            "loss_spikes": [list(s) for s in self.loss_spikes],
+            "spike_count": self.spike_count,
+            "loss_spike_count": self.loss_spike_count,
+            "origins": [origin_to_state(o) for o in self.origins],
+            "nonfinite_count": self.nonfinite_count,
+            "spike_params": dict(self.spike_params),
+            "clipped_steps": self.clipped_steps,
+            "spikes_clipped": self.spikes_clipped,
+            "recent_norms": list(self._recent_norms),
+            "recent_losses": list(self._recent_losses),
+            "recent_lrs": [list(pair) for pair in self._lrs],
+            "last_spike": self._last_spike,
+            "last_loss_spike": self._last_loss_spike,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (keys added later default to empty)."""
+        self.reset()
+        self.spikes = [spike_from_state(s) for s in state["spikes"]]
+        self.loss_spikes = [spike_from_state(s) for s in state["loss_spikes"]]
+        self.spike_count = int(state["spike_count"])
+        self.loss_spike_count = int(state["loss_spike_count"])
+        self.origins = [origin_from_state(o) for o in state["origins"]]
+        self.nonfinite_count = int(state["nonfinite_count"])
+        self.spike_params = Counter(state["spike_params"])
+        self.clipped_steps = int(state.get("clipped_steps", 0))
+        self.spikes_clipped = int(state.get("spikes_clipped", 0))
+        self._recent_norms.extend(float(v) for v in state["recent_norms"])
+        self._recent_losses.extend(float(v) for v in state["recent_losses"])
+        self._lrs.extend((int(s), float(lr)) for s, lr in state.get("recent_lrs", ()))
+        self._last_spike = _triple(state["last_spike"])
+        self._last_loss_spike = _triple(state["last_loss_spike"])
+
+
+def _median(values: Sequence[float]) -> float:
+    """Median of recent calm values (NaN when none: the ratio is then unknown)."""
+    if not values:
+        return math.nan
+    level = float(np.median(np.asarray(values)))
+    return level if level > 0 else math.nan
+
+
+def _episode(
+    current: tuple[int, float, int] | None, step: int, ratio: float
+) -> tuple[int, float, int]:
+    """A spike continues the current episode if it comes within ``GAP`` steps of its last (the
+    grouping of :mod:`gradwatch.detect.episodes`), else it starts a new one."""
+    if current is not None and step - current[2] <= GAP:
+        return current[0], current[1], step
+    return step, ratio, step
+
+
+def _recent(episode: tuple[int, float, int] | None, step: int) -> tuple[int, float] | None:
+    """The start of a spike episode that was still going within ``WINDOW`` steps of ``step``."""
+    if episode is None or step - episode[2] > WINDOW:
+        return None
+    return episode[0], episode[1]
+
+
+def _triple(value: Any) -> tuple[int, float, int] | None:
+    return None if value is None else (int(value[0]), float(value[1]), int(value[2]))
