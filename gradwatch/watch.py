@@ -12,7 +12,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import math
+import operator
 import time
+import warnings
 import weakref
 from collections import deque
 from collections.abc import Iterator
@@ -37,7 +39,7 @@ from gradwatch.collect.distributed import (
 from gradwatch.collect.forensics import ActivationProbe, StepProbe
 from gradwatch.collect.hooks import ArrivalOrder, MicroBatchNorms
 from gradwatch.collect.norms import GradCollector
-from gradwatch.collect.params import resolve_params
+from gradwatch.collect.params import ParamChanges, WatchedParams, resolve_params
 from gradwatch.collect.ring import COEF, GLOBAL, LOSS, NORMS, SCALE, Slot, StatsRing
 from gradwatch.config import (
     NONFINITE_POLICIES,
@@ -55,6 +57,7 @@ from gradwatch.diagnose import diagnose_health
 from gradwatch.errors import (
     ConfigError,
     ConfigTypeError,
+    GradWatchWarning,
     StateError,
 )
 from gradwatch.records import (
@@ -228,23 +231,20 @@ class GradWatch:
                     f"got {type(sink).__name__}"
                 )
 
-        watched = resolve_params(unwrap_model(model))
-        if clip is not None:
-            clip.bind(zip(watched.names, watched.params))
-        self._watched = watched
+        module = unwrap_model(model)
+        watched = resolve_params(module)
+        self._module = module if isinstance(module, torch.nn.Module) else None
+        if forensics and self._module is None:
+            raise ConfigTypeError(
+                "forensics=True needs the model as an nn.Module to hook its modules, "
+                "got named parameters"
+            )
         self.names = watched.names
         self._owner_types = dict(zip(watched.names, watched.owner_types))
         self.clipper = clip
         self.spike_detector = spike_detector or SpikeDetector()
         self.loss_detector = loss_detector or SpikeDetector()
         self._baseline = ParamBaseline(len(watched), alpha=self.spike_detector.alpha)
-
-        first = watched.params[0]
-        dtype = GradCollector.statistics_dtype(watched.params)
-        self._collector = GradCollector(watched.params, first.device, dtype)
-        self._ring = StatsRing(len(watched), capacity=64, device=first.device, dtype=dtype)
-        self._arrivals = ArrivalOrder(watched.params, watched.position)
-        self._finalizer = weakref.finalize(self, ArrivalOrder.remove, self._arrivals)
 
         self._history: deque[StepReport] = deque(maxlen=history)
         self._pending: dict[int, _Pending] = {}
@@ -273,24 +273,18 @@ class GradWatch:
                     "rank_blame=True needs the DistributedDataParallel-wrapped model, "
                     f"got {type(model).__name__}"
                 )
-            self._blame = RankBlame(first.device)
+            self._blame = RankBlame(watched.params[0].device)
             self._blame.install(model)
-        self._micro = MicroBatchNorms(watched.params) if track_micro_batches else None
-        if self._micro is not None:
-            weakref.finalize(self, MicroBatchNorms.remove, self._micro)
-        activations = None
-        if forensics:
-            activations = ActivationProbe(unwrap_model(model), watched, first.device, dtype)
-        self._probe = StepProbe(watched, first.device, dtype, activations)
-        self._probe_finalizer = weakref.finalize(self, StepProbe.remove, self._probe)
+        self._forensics = forensics
+        self._track_micro = track_micro_batches
         self.health_detector = health_detector or HealthDetector()
-        self.health_detector.bind(watched, self._probe, self._arrivals.positions)
+        self._bind(watched)
+        self._changes = ParamChanges(self._module, watched)
         self._step = 0
         self._micro_losses: list[Any] = []
         self._micro_batches = 0
         self._guard: StepGuard | None = None
         self._writes_coef = clip is not None or self.on_spike == "clip"
-        self._judged = 0  # rows run through the spike and loss detectors (see _judge)
         self._due = self._sinks.next_due(-1)  # the earliest step a sink wants at once
         self._last_skip = False
         self._closed = False
@@ -426,7 +420,8 @@ class GradWatch:
         if self._closed:
             return list(self._final.findings)
         self.flush()
-        return diagnose_health(self.health_detector.report())
+        clip = self.clipper.config() if self.clipper is not None else None
+        return diagnose_health(self.health_detector.report(), clip=clip)
 
     def close(self) -> RunSummary:
         """Remove every hook, restore the optimizer, emit the final summary, close the sinks.
@@ -440,12 +435,8 @@ class GradWatch:
         self._final = replace(self._aggregator.summary(), findings=findings)
         self._closed = True
         self.detach()
-        self._arrivals.remove()
-        self._probe.remove()
-        self._probe_finalizer.detach()
-        if self._micro is not None:
-            self._micro.remove()
-        self._finalizer.detach()
+        self._unbind()
+        self._changes.remove()
         self._sink_finalizer.detach()
         atexit.unregister(self._exit_hook)
         self._sinks.write(self._final)
@@ -513,6 +504,72 @@ class GradWatch:
 
     # ------------------------------------------------------------------------------ hot path
 
+    def _bind(self, watched: WatchedParams) -> None:
+        """Build everything that holds the watched tensors, their device or their dtype."""
+        first = watched.params[0]
+        dtype = GradCollector.statistics_dtype(watched.params)
+        self._watched = watched
+        if self.clipper is not None:
+            self.clipper.bind(zip(watched.names, watched.params))
+        self._collector = GradCollector(watched.params, first.device, dtype)
+        self._ring = StatsRing(len(watched), capacity=64, device=first.device, dtype=dtype)
+        self._judged = 0  # rows run through the spike and loss detectors (see _judge)
+        self._arrivals = ArrivalOrder(watched.params, watched.position)
+        self._finalizer = weakref.finalize(self, ArrivalOrder.remove, self._arrivals)
+        self._micro = MicroBatchNorms(watched.params) if self._track_micro else None
+        if self._micro is not None:
+            weakref.finalize(self, MicroBatchNorms.remove, self._micro)
+        activations = None
+        if self._forensics:
+            activations = ActivationProbe(self._module, watched, first.device, dtype)
+        self._probe = StepProbe(watched, first.device, dtype, activations)
+        self._probe_finalizer = weakref.finalize(self, StepProbe.remove, self._probe)
+        self.health_detector.bind(watched, self._probe, self._arrivals.positions)
+
+    def _unbind(self) -> None:
+        """Remove the hooks :meth:`_bind` installed."""
+        self._arrivals.remove()
+        self._finalizer.detach()
+        self._probe.remove()
+        self._probe_finalizer.detach()
+        if self._micro is not None:
+            self._micro.remove()
+
+    def _refresh(self) -> None:
+        """Follow the model after its parameters changed (see :class:`ParamChanges`).
+
+        The same parameters, replaced (``load_state_dict(assign=True)``) or moved to another
+        dtype or device, are watched again under the same names, bit-exactly in the new dtype.
+        A changed set of names (a module added, a parameter unfrozen) cannot be merged into the
+        run's history: the watcher warns once, naming them, and goes on with the original set.
+        """
+        current = self._changes.resolve()
+        if current.names == self.names:
+            same = all(map(operator.is_, current.params, self._watched.params))
+            moved = [(p.dtype, p.device) for p in current.params] != self._changes.layout
+            if not (same and not moved):
+                self._drain(wait=True)  # every pending row belongs to the old layout
+                self._unbind()
+                self._bind(current)
+            self._changes.track(current)
+            return
+        added = [n for n in current.names if n not in set(self.names)]
+        gone = [n for n in self.names if n not in set(current.names)]
+        parts = []
+        if added:
+            parts.append(f"trainable but not watched: {_listed(added)}")
+        if gone:
+            parts.append(f"watched but no longer trainable in the model: {_listed(gone)}")
+        warnings.warn(
+            "gradwatch: the model's trainable parameters changed after the GradWatch was "
+            f"created ({'; '.join(parts)}). Norms, NaN/Inf checks and clipping keep covering "
+            f"the original {len(self.names)} parameters only; create the GradWatch after the "
+            "model is final, or close this one and create a new one",
+            GradWatchWarning,
+            stacklevel=3,
+        )
+        self._changes.accept()
+
     def _before_step(self) -> bool:
         self._check(skip_reason=None, from_optimizer=True)
         return not self._last_skip
@@ -522,6 +579,8 @@ class GradWatch:
 
     def _check(self, *, skip_reason: str | None, from_optimizer: bool) -> StepReport:
         self._ensure_open("check")
+        if self._changes.changed():
+            self._refresh()
         ring = self._ring
         if ring.written - ring.read >= ring.capacity:
             self._drain(wait=True, upto=ring.read)
@@ -807,7 +866,7 @@ def _close_at_exit(ref: weakref.ReferenceType[GradWatch]) -> Any:
 
     def hook() -> None:
         watch = ref()
-        if watch is not None and not watch.closed:
+        if watch is not None and not getattr(watch, "_closed", True):  # True: __init__ failed
             with contextlib.suppress(Exception):
                 watch.close()
 
@@ -827,3 +886,8 @@ def _detached(loss: Any) -> Any:
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
         return float(loss)
     raise ConfigTypeError(f"loss must be a tensor or a number, got {type(loss).__name__}")
+
+
+def _listed(names: list[str], most: int = 5) -> str:
+    more = f" (+{len(names) - most} more)" if len(names) > most else ""
+    return ", ".join(names[:most]) + more

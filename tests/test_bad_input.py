@@ -385,11 +385,6 @@ def test_odd_model_sparse_gradients() -> None:
         ("replaced by load_state_dict(assign=True)", "first.weight"),
     ],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (watch.py/collect/params.py): parameters added, replaced or unfrozen after the "
-    "watch was created are silently not watched: the global norm and ClipNorm leave them out",
-)
 def test_odd_model_parameters_changed_after_construction(change: str, name: str) -> None:
     """Acceptable: the new parameter is watched, or a GradWatchWarning names it."""
     model = _Grown()
@@ -410,6 +405,96 @@ def test_odd_model_parameters_changed_after_construction(change: str, name: str)
     grads = [p.grad for p in model.parameters()]
     watched = report.global_norm == torch.nn.utils.get_total_norm(grads).item()
     assert watched or any(name in str(w.message) for w in warned)
+
+
+def _steps(model: nn.Module, watch: gw.GradWatch, n: int) -> list[gw.StepReport]:
+    reports = []
+    for step in range(n):
+        model.zero_grad()
+        model(torch.randn(4, 3, generator=torch.Generator().manual_seed(step))).sum().backward()
+        reports.append(watch.check())
+    return reports
+
+
+def test_parameters_added_or_unfrozen_warn_once_and_name_them() -> None:
+    model = _Grown()
+    model.frozen = nn.Linear(3, 3).requires_grad_(False)
+    watch = gw.GradWatch(model, sinks=[])
+    _steps(model, watch, 2)
+    model.second = nn.Linear(3, 1)
+    model.frozen.requires_grad_(True)
+    with pytest.warns(gw.GradWatchWarning) as caught:
+        reports = _steps(model, watch, 5)
+    (warning,) = caught  # once, not once per step
+    message = str(warning.message)
+    for name in ("second.weight", "second.bias", "frozen.weight", "frozen.bias"):
+        assert name in message
+    assert "keep covering the original 2 parameters" in message
+    assert all(set(r.param_norms) == {"first.weight", "first.bias"} for r in reports)
+    watch.close()
+
+
+def test_replaced_parameters_are_watched_again_and_clipped_exactly() -> None:
+    model = _Grown()
+    model.second = nn.Linear(3, 1)
+    watch = gw.GradWatch(model, clip=gw.ClipNorm(0.01), sinks=[])
+    _steps(model, watch, 3)
+    model.load_state_dict({k: v * 2 for k, v in model.state_dict().items()}, assign=True)
+    model(torch.randn(4, 3)).sum().backward()
+    reference = clone_with_grads(model)
+    total = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same names: followed silently
+        report = watch.check()
+    assert report.global_norm == total.item()
+    assert all(
+        torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), reference.parameters())
+    )
+    assert report.step == 3 and len(watch.history) == 4  # the run goes on, history kept
+    watch.close()
+
+
+def test_model_moved_between_dtypes_keeps_history_and_detectors() -> None:
+    model = _Grown()
+    watch = gw.GradWatch(model, sinks=[])
+    _steps(model, watch, 30)
+    threshold = watch.spike_detector.threshold
+    model.double()
+    model.zero_grad()
+    model(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+    expected = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    report = watch.check()
+    assert report.global_norm == expected.item()
+    assert watch.spike_detector.count == 31 and threshold is not None
+    assert [r.step for r in watch.history][-2:] == [29, 30]
+    model.float()
+    assert len(_steps(model, watch, 2)) == 2 and watch.step == 33
+    watch.close()
+
+
+def test_change_tracking_hooks_are_removed_and_never_keep_the_watcher_alive() -> None:
+    import gc
+    import weakref
+
+    from torch.nn.modules import module as torch_module
+
+    hooks = torch_module._global_parameter_registration_hooks
+    model = _Grown()
+    watch = gw.GradWatch(model, sinks=[])
+    ids = [handle.id for handle in watch._changes._handles]
+    assert ids and all(
+        i in hooks or i in torch_module._global_module_registration_hooks for i in ids
+    )
+    watch.close()
+    assert not any(i in hooks or i in torch_module._global_module_registration_hooks for i in ids)
+    dropped = gw.GradWatch(model, sinks=[])
+    ids = [handle.id for handle in dropped._changes._handles]
+    ref = weakref.ref(dropped)
+    del dropped
+    gc.collect()
+    assert ref() is None
+    assert not any(i in hooks or i in torch_module._global_module_registration_hooks for i in ids)
+    nn.Linear(2, 2)  # registering parameters elsewhere is not an error after that
 
 
 def test_odd_model_moved_to_another_dtype_after_construction() -> None:
@@ -434,11 +519,6 @@ def test_odd_model_moved_to_another_dtype_after_construction() -> None:
     assert watch.check().global_norm == pytest.approx(upcast.item(), rel=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (watch.py): after model.double() the statistics stay float32 (chosen at "
-    "construction), so the norm and ClipNorm are no longer bit-identical to torch's",
-)
 def test_odd_model_moved_to_double_is_bit_exact() -> None:
     torch.manual_seed(0)
     model = mlp(depth=2)

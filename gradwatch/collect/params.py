@@ -6,14 +6,16 @@ name), frozen parameters are left out, buffers are never parameters.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from gradwatch.errors import ConfigError, ConfigTypeError
 
-__all__ = ["WatchedParams", "resolve_params"]
+__all__ = ["ParamChanges", "WatchedParams", "resolve_params"]
 
 
 class WatchedParams:
@@ -87,3 +89,106 @@ def resolve_params(model: object) -> WatchedParams:
             f"{what} has no parameter with requires_grad=True, so there is no gradient to watch"
         )
     return WatchedParams(names, params, [owner_types.get(id(p), "") for p in params])
+
+
+class ParamChanges:
+    """Notices, at almost no cost per step, when the watched parameters may be out of date.
+
+    Four things make them so after the watcher was created: a module or parameter registered in
+    the model (``model.head = nn.Linear(...)``, ``load_state_dict(..., assign=True)``), a frozen
+    parameter unfrozen, or the model moved to another dtype or device (``model.double()``,
+    ``model.to("cuda")``). Registrations are seen through torch's global registration hooks
+    (filtered to this model's modules); the rest is checked at every :meth:`changed` call by
+    reading the first watched parameter's dtype and device and the frozen parameters'
+    ``requires_grad`` flags. A partial move (one submodule only) is caught at the next
+    registration or by :meth:`changed` every ``full_every`` calls, which compares every
+    parameter.
+
+    Args:
+        model: The model (None when the watcher was given named parameters: only moves of the
+            given parameters are noticed then).
+        watched: The parameters watched now.
+        full_every: Calls between two full comparisons of every parameter.
+    """
+
+    def __init__(self, model: nn.Module | None, watched: WatchedParams, full_every: int = 256):
+        self._model = model
+        self._full_every = full_every
+        self._calls = 0
+        self.dirty = False
+        self._handles: list[Any] = []
+        self.track(watched)
+        if model is not None:
+            from torch.nn.modules import module as torch_module
+
+            hook = _RegistrationHook(weakref.ref(self))  # the global hook must not keep us alive
+            self._handles = [
+                torch_module.register_module_parameter_registration_hook(hook),
+                torch_module.register_module_module_registration_hook(hook),
+            ]
+            weakref.finalize(self, _remove_all, self._handles)
+
+    def track(self, watched: WatchedParams) -> None:
+        """Take ``watched`` as the current parameters (after a rebind, or to accept a change)."""
+        self._watched = watched
+        self._first = watched.params[0]
+        self._key = (self._first.dtype, self._first.device)
+        self._layout = [(p.dtype, p.device) for p in watched.params]
+        model = self._model
+        self._modules = set() if model is None else {id(m) for m in model.modules()}
+        params = [] if model is None else model.parameters()
+        self._frozen = [p for p in params if not p.requires_grad]
+        self.dirty = False
+
+    @property
+    def layout(self) -> list[tuple[torch.dtype, torch.device]]:
+        """(dtype, device) of each tracked parameter when it was tracked."""
+        return self._layout
+
+    def accept(self) -> None:
+        """Stop reporting the current change (the watcher warned and keeps its parameters)."""
+        self.track(self._watched)
+
+    def _registered(self, module: nn.Module) -> None:
+        if id(module) in self._modules:
+            self.dirty = True
+
+    def changed(self) -> bool:
+        """True if the parameters may differ from the watched ones (then call :meth:`resolve`)."""
+        first = self._first
+        if self.dirty or first.dtype is not self._key[0] or first.device != self._key[1]:
+            return True
+        if self._frozen and any(p.requires_grad for p in self._frozen):
+            return True
+        self._calls += 1
+        if self._calls % self._full_every == 0:
+            return [(p.dtype, p.device) for p in self._watched.params] != self._layout
+        return False
+
+    def resolve(self) -> WatchedParams:
+        """The model's trainable parameters now (the given ones when there is no model)."""
+        if self._model is None:
+            return self._watched
+        return resolve_params(self._model)
+
+    def remove(self) -> None:
+        """Remove the global registration hooks."""
+        _remove_all(self._handles)
+
+
+class _RegistrationHook:
+    """Marks a :class:`ParamChanges` dirty when a module of its model registers something."""
+
+    def __init__(self, owner: weakref.ReferenceType[ParamChanges]) -> None:
+        self._owner = owner
+
+    def __call__(self, module: nn.Module, name: str, value: object) -> None:
+        owner = self._owner()
+        if owner is not None:
+            owner._registered(module)
+
+
+def _remove_all(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
