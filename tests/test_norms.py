@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import TiedModel, backward, mlp
+from torch import nn
 
 import gradwatch as gw
 
@@ -230,3 +231,23 @@ def test_first_watch_does_not_import_torch_distributed_tensor() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_micro_batch_norms_and_post_clip_norm_accept_sparse_gradients() -> None:
+    from gradwatch.integrations import post_clip_norm
+
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 1))
+    watch = gw.GradWatch(model, sinks=[], track_micro_batches=True, accumulation_steps=2)
+    parts = []
+    for tokens in (torch.tensor([1, 2, 2]), torch.tensor([7, 7])):
+        with watch.backward():
+            model(tokens).sum().backward()
+        parts.append([p.grad.to_dense().clone() for p in model.parameters()])
+    report = watch.history[-1]
+    first = parts[0]
+    second = [b - a for a, b in zip(parts[0], parts[1])]
+    expected = [torch.nn.utils.get_total_norm(g).item() for g in (first, second)]
+    assert report.micro_batch_norms == pytest.approx(expected, rel=1e-6)
+    dense = torch.nn.utils.get_total_norm([p.grad.to_dense() for p in model.parameters()])
+    assert post_clip_norm(list(model.parameters()), 2.0).item() == pytest.approx(dense.item())
+    watch.close()

@@ -11,6 +11,8 @@ from collections import deque
 
 import torch
 
+from gradwatch.collect.norms import sparse_values
+
 __all__ = ["ArrivalOrder", "MicroBatchNorms"]
 
 
@@ -67,7 +69,7 @@ class MicroBatchNorms:
 
     def _record(self, grad: torch.Tensor) -> None:
         local = grad.to_local() if hasattr(grad, "to_local") else grad
-        self._current.append(torch.linalg.vector_norm(local, dtype=torch.float32))
+        self._current.append(torch.linalg.vector_norm(sparse_values(local), dtype=torch.float32))
 
     def begin(self) -> None:
         """Open a micro-batch: forget anything an interrupted backward left behind."""

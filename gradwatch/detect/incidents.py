@@ -98,7 +98,9 @@ class IncidentLog:
         """
         step, global_norm, loss = report.step, report.global_norm, report.loss
         finite = not report.nonfinite and math.isfinite(global_norm)
-        rise, lr_change = self._rise(), self._lr_change(step)
+        rise = lr_change = None
+        if report.spike or report.loss_spike or report.nonfinite:  # only incidents need the trend
+            rise, lr_change = self._rise(), self._lr_change(step)
         if report.clipped:
             self.clipped_steps += 1
         if report.spike:

@@ -77,7 +77,7 @@ class LayerStats:
         arrival_positions: Maps a backward arrival snapshot to parameter positions.
     """
 
-    BATCH = 32
+    BATCH = 128
     """Steps absorbed together."""
 
     def __init__(

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gradwatch.collect.norms import sparse_values
 from gradwatch.records import RunSummary, StepReport
 from gradwatch.report.base import StepAggregator
 from gradwatch.report.console import ConsoleSink
@@ -94,7 +95,7 @@ def post_clip_norm(params: Sequence[torch.Tensor], norm_type: float) -> torch.Te
 
     Returns None when no parameter has a gradient (e.g. the step was skipped by dropping them).
     """
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [sparse_values(p.grad) for p in params if p.grad is not None]
     if not grads:
         return None
     with torch.no_grad():
