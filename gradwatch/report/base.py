@@ -153,6 +153,9 @@ def layer_of(name: str, depth: int | None = None) -> str:
 class StepAggregator:
     """Accumulates step reports into a :class:`RunSummary`: global and per-layer statistics.
 
+    Read the statistics through :meth:`summary`; ``steps``, ``first_step`` and ``last_step`` are
+    always current, the rest is kept privately and brought up to date by :meth:`summary`.
+
     ``update`` only queues a report; queued reports are absorbed in vectorised batches (per-layer
     norms of a batch are one matrix reduction), so the cost per step does not grow with
     Python-level work per parameter. Non-finite values never enter a statistic.
@@ -190,17 +193,17 @@ class StepAggregator:
         self.steps = 0
         self.first_step: int | None = None
         self.last_step: int | None = None
-        self.g_min, self.g_max, self.g_sum, self.g_count = math.inf, -math.inf, 0.0, 0
-        self.g_last = math.nan
-        self.clipped = self.spikes = self.loss_spikes = self.nonfinite = self.skipped = 0
-        self.origins: list[tuple[int, str]] = []
-        self.l_min = np.full(n_layers, np.inf)
-        self.l_max = np.full(n_layers, -np.inf)
-        self.l_sum = np.zeros(n_layers)
-        self.l_count = np.zeros(n_layers, dtype=np.int64)
-        self.l_last = np.full(n_layers, np.nan)
-        self.l_nonfinite = np.zeros(n_layers, dtype=np.int64)
-        self.l_culprit = np.zeros(n_layers, dtype=np.int64)
+        self._g_min, self._g_max, self._g_sum, self._g_count = math.inf, -math.inf, 0.0, 0
+        self._g_last = math.nan
+        self._clipped = self._spikes = self._loss_spikes = self._nonfinite = self._skipped = 0
+        self._origins: list[tuple[int, str]] = []
+        self._l_min = np.full(n_layers, np.inf)
+        self._l_max = np.full(n_layers, -np.inf)
+        self._l_sum = np.zeros(n_layers)
+        self._l_count = np.zeros(n_layers, dtype=np.int64)
+        self._l_last = np.full(n_layers, np.nan)
+        self._l_nonfinite = np.zeros(n_layers, dtype=np.int64)
+        self._l_culprit = np.zeros(n_layers, dtype=np.int64)
 
     def update(self, report: StepReport) -> None:
         """Add one step (absorbed with the next batch)."""
@@ -250,22 +253,22 @@ class StepAggregator:
         g = np.array([r.global_norm for r in queue], dtype=np.float64)
         finite_g = np.isfinite(g)
         if finite_g.any():
-            self.g_min = min(self.g_min, float(g[finite_g].min()))
-            self.g_max = max(self.g_max, float(g[finite_g].max()))
-            self.g_sum += float(g[finite_g].sum())
-            self.g_count += int(finite_g.sum())
-        self.g_last = float(g[-1])
+            self._g_min = min(self._g_min, float(g[finite_g].min()))
+            self._g_max = max(self._g_max, float(g[finite_g].max()))
+            self._g_sum += float(g[finite_g].sum())
+            self._g_count += int(finite_g.sum())
+        self._g_last = float(g[-1])
         for r in queue:
-            self.clipped += r.clip_coef < 1.0
-            self.spikes += r.spike
-            self.loss_spikes += r.loss_spike
-            self.skipped += r.skipped
+            self._clipped += r.clip_coef < 1.0
+            self._spikes += r.spike
+            self._loss_spikes += r.loss_spike
+            self._skipped += r.skipped
             if r.nonfinite:
-                self.nonfinite += 1
-                if len(self.origins) < self.max_origins:
-                    self.origins.append((r.step, r.nonfinite[0]))
+                self._nonfinite += 1
+                if len(self._origins) < self.max_origins:
+                    self._origins.append((r.step, r.nonfinite[0]))
             for name in r.spike_params:
-                self.l_culprit[self._layer_of_param[self._position[name]]] += 1
+                self._l_culprit[self._layer_of_param[self._position[name]]] += 1
 
         full = [r.param_norms.values for r in queue if self._is_full(r.param_norms.names)]
         if len(full) == len(queue):
@@ -276,44 +279,44 @@ class StepAggregator:
             layer = np.stack([p[0] for p in pairs])
             present = np.stack([p[1] for p in pairs])
         finite = np.isfinite(layer)
-        self.l_last = layer[-1]
-        self.l_nonfinite += (present & ~finite).sum(axis=0)
-        self.l_min = np.fmin(self.l_min, np.where(finite, layer, np.inf).min(axis=0))
-        self.l_max = np.fmax(self.l_max, np.where(finite, layer, -np.inf).max(axis=0))
-        self.l_sum += np.where(finite, layer, 0.0).sum(axis=0)
-        self.l_count += finite.sum(axis=0)
+        self._l_last = layer[-1]
+        self._l_nonfinite += (present & ~finite).sum(axis=0)
+        self._l_min = np.fmin(self._l_min, np.where(finite, layer, np.inf).min(axis=0))
+        self._l_max = np.fmax(self._l_max, np.where(finite, layer, -np.inf).max(axis=0))
+        self._l_sum += np.where(finite, layer, 0.0).sum(axis=0)
+        self._l_count += finite.sum(axis=0)
 
     def summary(self) -> RunSummary:
         """The statistics so far as a record."""
         self._absorb()
-        count = np.maximum(self.l_count, 1)
+        count = np.maximum(self._l_count, 1)
         layers = tuple(
             LayerSummary(
                 name=name,
-                min=float(self.l_min[i]) if self.l_count[i] else math.nan,
-                mean=float(self.l_sum[i] / count[i]) if self.l_count[i] else math.nan,
-                max=float(self.l_max[i]) if self.l_count[i] else math.nan,
-                last=float(self.l_last[i]),
-                steps=int(self.l_count[i]),
-                nonfinite_steps=int(self.l_nonfinite[i]),
-                spike_culprit=int(self.l_culprit[i]),
+                min=float(self._l_min[i]) if self._l_count[i] else math.nan,
+                mean=float(self._l_sum[i] / count[i]) if self._l_count[i] else math.nan,
+                max=float(self._l_max[i]) if self._l_count[i] else math.nan,
+                last=float(self._l_last[i]),
+                steps=int(self._l_count[i]),
+                nonfinite_steps=int(self._l_nonfinite[i]),
+                spike_culprit=int(self._l_culprit[i]),
             )
             for i, name in enumerate(self.layer_names)
         )
-        found = self.g_count > 0
+        found = self._g_count > 0
         return RunSummary(
             steps=self.steps,
             first_step=self.first_step,
             last_step=self.last_step,
-            global_min=self.g_min if found else math.nan,
-            global_mean=self.g_sum / self.g_count if found else math.nan,
-            global_max=self.g_max if found else math.nan,
-            global_last=self.g_last,
-            clipped_steps=int(self.clipped),
-            spikes=int(self.spikes),
-            loss_spikes=int(self.loss_spikes),
-            nonfinite_steps=int(self.nonfinite),
-            skipped_steps=int(self.skipped),
+            global_min=self._g_min if found else math.nan,
+            global_mean=self._g_sum / self._g_count if found else math.nan,
+            global_max=self._g_max if found else math.nan,
+            global_last=self._g_last,
+            clipped_steps=int(self._clipped),
+            spikes=int(self._spikes),
+            loss_spikes=int(self._loss_spikes),
+            nonfinite_steps=int(self._nonfinite),
+            skipped_steps=int(self._skipped),
             layers=layers,
-            nonfinite_origins=tuple(self.origins),
+            nonfinite_origins=tuple(self._origins),
         )
