@@ -12,9 +12,13 @@ Where the comparison is exact and where it is not:
   and rounds there. gradwatch equals torch's norm of the float32-upcast gradients within
   ``FLOAT32_RTOL`` (the two kernels sum in different orders), and torch's half result within
   ``HALF_RTOL`` (two roundings to the half type: the per-tensor norms and the total). Where torch's
-  half norm overflows to inf, gradwatch's float32 norm is finite and above the half type's maximum.
-  The clipped gradients equal ``grad * coef`` with gradwatch's float32 coefficient bit for bit, and
-  ``clip_grad_norm_``'s within ``HALF_RTOL`` (``HALF_ATOL`` among fp16 subnormals).
+  half norm overflows to inf, gradwatch's float32 norm is finite and large enough to round to inf.
+  The clipped gradients equal ``grad * coef`` with gradwatch's float32 coefficient bit for bit;
+  ``clip_grad_norm_``'s equal ``grad * torch_coef`` bit for bit, where torch's coefficient is
+  computed *in the half type* and lies within the interval ``half_clip_coef_bounds`` derives from
+  gradwatch's norm (three more roundings; absolute, not relative, once it is an fp16 subnormal, so
+  the two clipped gradients can differ by far more than ``HALF_RTOL``: see
+  ``test_fp16_clip_coefficient_rounded_among_subnormals``).
 * Several dtype groups (e.g. a float64 layer in a float32 body): the per-group norms are combined
   in a different order than torch's, so equality holds to the statistics dtype's rounding
   (``MIXED_RTOL``).
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -38,7 +43,8 @@ F32, F64, F16, BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat1
 HALF = (F16, BF16)
 NORM_TYPES = st.sampled_from([1, 2.0, 3.0, math.inf, 0.5])
 HALF_RTOL = {F16: 2 * 2.0**-10, BF16: 2 * 2.0**-7}
-"""Two roundings to the half type (its machine epsilon is 2**-10 for fp16, 2**-7 for bf16)."""
+"""Two roundings to the half type (its machine epsilon is 2**-10 for fp16, 2**-7 for bf16; a
+rounding moves a value by at most eps / 2, so two by eps; twice that, as slack)."""
 HALF_ATOL = {t: 2 * torch.finfo(t).tiny * torch.finfo(t).eps for t in HALF}
 """Two steps of the half type's subnormal spacing (fp16: 6e-8), where relative error is large."""
 FLOAT32_RTOL = 1e-5
@@ -178,6 +184,61 @@ def total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads, norm_type)
 
 
+def overflow_threshold(dtype: torch.dtype) -> float:
+    """The least value that rounds to inf in ``dtype``: its maximum plus half an ulp there
+    (65520 for fp16)."""
+    info = torch.finfo(dtype)
+    return info.max + info.eps * 2.0 ** math.floor(math.log2(info.max)) / 2
+
+
+def rounded(lo: float, hi: float, dtype: torch.dtype) -> tuple[float, float]:
+    """Where rounding any ``x`` in ``[lo, hi]`` (``0 <= lo <= hi``) to ``dtype`` can land.
+
+    Round-to-nearest is monotone; it moves a normal number by at most ``u * x`` with ``u = eps / 2``
+    (plus ``eps32`` for the float32 opmath roundings CPU kernels do first) and a subnormal one by
+    at most ``eta = tiny * eps / 2``, half the subnormal spacing (fp16: 3e-8 whatever ``x`` is, so
+    the relative error grows without bound as ``x`` shrinks); from ``overflow_threshold`` on, inf.
+    """
+    info = torch.finfo(dtype)
+    u = info.eps / 2 + torch.finfo(F32).eps
+    eta = info.tiny * info.eps / 2
+
+    def bound(x: float, side: int) -> float:
+        if x >= overflow_threshold(dtype):
+            return math.inf
+        return min(max(x * (1 + side * u) + side * eta, 0.0), info.max)
+
+    return bound(lo, -1), bound(hi, +1)
+
+
+def half_clip_coef_bounds(norm: float, max_norm: float, dtype: torch.dtype) -> tuple[float, float]:
+    """Bounds on ``clip_grad_norm_``'s clip coefficient for ``dtype`` gradients whose global norm
+    gradwatch (in float32) found to be ``norm``.
+
+    torch does all of it in the half type (torch/nn/utils/clip_grad.py): its total ``t`` is within
+    ``HALF_RTOL``/``HALF_ATOL`` of ``norm`` (``test_norms_equal_torch_reference``; inf if it
+    overflowed), and ``clamp(max_norm / (t + 1e-6), max=1)`` rounds three more times: ``t + 1e-6``,
+    the reciprocal (``max_norm / t`` is ``t.reciprocal() * max_norm``) and the product with
+    ``max_norm``; the clamp is exact. Among normal numbers torch's coefficient is thus within about
+    ``HALF_RTOL + 3u`` of gradwatch's (0.34 % for fp16, 2.7 % for bf16). But fp16's smallest normal
+    is 6.1e-5, and ``max_norm / norm`` goes below it whenever the gradients are more than 16384
+    times ``max_norm``: then the product's rounding errs by up to 3e-8 absolute (5.27e-6 = 88.45
+    subnormal steps becomes 88, -0.52 %; near 1e-7 it is off by up to a third; under 3e-8 it is 0
+    and torch zeroes the gradients). A total above 16384 = 2**14 likewise makes the reciprocal
+    subnormal, and one that overflowed to inf makes the coefficient 0. bf16 has float32's exponent
+    range: there none of this happens.
+    """
+    rtol, atol = HALF_RTOL[dtype], HALF_ATOL[dtype]
+    t_lo = max((norm - atol) / (1 + rtol), 0.0)
+    t_hi = (norm + atol) / (1 - rtol)
+    t_lo = math.inf if t_lo > torch.finfo(dtype).max else t_lo  # finite would be out of tolerance
+    t_hi = math.inf if t_hi > torch.finfo(dtype).max else t_hi  # it may have rounded to inf
+    a_lo, a_hi = rounded(t_lo + 1e-6, t_hi + 1e-6, dtype)
+    r_lo, r_hi = rounded(1 / a_hi, 1 / a_lo if a_lo > 0 else math.inf, dtype)
+    c_lo, c_hi = rounded(max_norm * r_lo, max_norm * r_hi, dtype)
+    return min(c_lo, 1.0), min(c_hi, 1.0)
+
+
 class Recorder(gw.Sink):
     """A sink keeping every record it is given, for assertions."""
 
@@ -219,8 +280,11 @@ def test_norms_equal_torch_reference(spec: NetSpec, norm_type: float, data) -> N
             assert got == pytest.approx(
                 expected.item(), rel=HALF_RTOL[spec.dtype], abs=HALF_ATOL[spec.dtype]
             )
-        else:  # torch's half accumulation overflowed; gradwatch's float32 one did not
-            assert math.isfinite(got) and got > torch.finfo(spec.dtype).max
+        else:  # torch's half accumulation overflowed; gradwatch's float32 one did not. Rounding
+            # gives inf from max + ulp/2 on (fp16: 65520), and torch's norms may have rounded up
+            # on the way: gradwatch's norm is at most HALF_RTOL below that, maybe below the max.
+            threshold = overflow_threshold(spec.dtype)
+            assert math.isfinite(got) and got * (1 + HALF_RTOL[spec.dtype]) >= threshold
     elif all_present(model):
         assert got == expected.item()  # bit for bit
     else:  # bit for bit is the xfail test_global_norm_bit_exact_when_a_gradient_is_missing
@@ -238,6 +302,33 @@ def test_norms_equal_torch_reference(spec: NetSpec, norm_type: float, data) -> N
     watch.close()
 
 
+def assert_half_clip_matches(report, pairs, total, max_norm, norm_type, dtype) -> None:
+    """gradwatch's and ``clip_grad_norm_``'s clipping of the same half gradients agree as far as
+    torch's half-precision coefficient allows.
+
+    ``pairs`` holds ``((name, ours), (name, torch's), original grad)``; ``total`` is what
+    ``clip_grad_norm_`` returned. Each side's clipped gradient is its original times its own
+    coefficient, bit for bit: gradwatch's is the float32 ``clamp(max_norm / (norm + 1e-6), max=1)``
+    of the float32 norm (computed here independently, from float32 copies), torch's is the same
+    expression on its half ``total``, rounded in the half type. So the two results differ exactly
+    as the coefficients do (plus each product's own rounding); those are bounded by
+    ``half_clip_coef_bounds``, which is tight among normal numbers but, among fp16 subnormals,
+    allows torch's coefficient the absolute error it really has.
+    """
+    grads = [g for _, _, g in pairs if g is not None]
+    upcast = total_norm([g.float() for g in grads], norm_type)
+    coef = torch.clamp(max_norm / (upcast + 1e-6), max=1.0)
+    torch_coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as clip_grad.py computes it
+    assert coef.dtype == F32 and torch_coef.dtype == (dtype if grads else F32)
+    for (_, p), (_, q), g in pairs:
+        if g is not None:
+            assert torch.equal(p.grad, g * coef)  # gradwatch's float32 coefficient, exactly
+            assert torch.equal(q.grad, g * torch_coef)  # torch's half one, exactly
+    assert report.clip_coef == coef.item()
+    lo, hi = half_clip_coef_bounds(report.global_norm, max_norm, dtype)
+    assert lo <= torch_coef.item() <= hi, (torch_coef.item(), report.clip_coef, lo, hi)
+
+
 @PROPERTY
 @given(spec=net_specs(), norm_type=NORM_TYPES, exponent=st.floats(-4, 4), data=st.data())
 def test_clip_norm_equals_clip_grad_norm_(spec: NetSpec, norm_type, exponent, data) -> None:
@@ -250,15 +341,7 @@ def test_clip_norm_equals_clip_grad_norm_(spec: NetSpec, norm_type, exponent, da
     pairs = list(zip(trainable(model), trainable(reference), original))
     assert all((p.grad is None) == (q.grad is None) for (_, p), (_, q), _ in pairs)
     if spec.dtype in HALF:
-        upcast = total_norm([g.float() for g in original if g is not None], norm_type)
-        coef = torch.clamp(max_norm / (upcast + 1e-6), max=1.0)
-        for (_, p), (_, q), g in pairs:
-            if g is not None:
-                assert torch.equal(p.grad, g * coef)  # gradwatch's float32 coefficient, exactly
-                torch.testing.assert_close(
-                    p.grad, q.grad, rtol=2 * HALF_RTOL[spec.dtype], atol=HALF_ATOL[spec.dtype]
-                )
-        assert report.clip_coef == coef.item()
+        assert_half_clip_matches(report, pairs, total, max_norm, norm_type, spec.dtype)
     elif all_present(model):
         assert report.global_norm == total.item()
         for (_, p), (_, q), _ in pairs:
@@ -310,7 +393,10 @@ def test_several_dtype_groups_match_torch_within_rounding(spec, norm_type, expon
     model = built(spec, data)
     grads = present_grads(model)
     expected = total_norm(grads, norm_type).item()
-    stats = F64 if F64 in spec.dtypes else F32
+    # torch combines the per-group norms in the widest dtype *among the gradients present*
+    # (torch.stack promotes); gradwatch in float64 whenever a float64 parameter is watched. With
+    # that parameter's gradient absent torch's total is float32, gradwatch's float64.
+    stats = F64 if F64 in {g.dtype for g in grads} else F32
     rtol = MIXED_RTOL[stats]
     if BF16 in {g.dtype for g in grads}:
         rtol = HALF_RTOL[BF16]  # torch's bf16 group norm is rounded to bf16
@@ -319,6 +405,12 @@ def test_several_dtype_groups_match_torch_within_rounding(spec, norm_type, expon
     report = gw.GradWatch(model, clip=gw.ClipNorm(max_norm, norm_type), sinks=[]).check()
     if math.isfinite(expected):
         assert report.global_norm == pytest.approx(expected, rel=rtol, abs=1e-30)
+    # The clipped gradients differ as the coefficients do, plus each product's rounding. With
+    # several groups torch's total and coefficient are in float32/64 (torch.stack promotes), so at
+    # most one bf16 rounding (the per-tensor norms) plus the two products': 3u, u = 2**-8. With bf16
+    # alone torch computes its coefficient in bf16 too (see half_clip_coef_bounds): two roundings
+    # of the total, three of the coefficient, two products: 7u, still within 2 * HALF_RTOL = 8u;
+    # bf16 has float32's exponent range, so no subnormal coefficient (fp16 is not drawn here).
     for (_, p), (_, q) in zip(trainable(model), trainable(reference)):
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=2 * rtol, atol=1e-30)
@@ -493,6 +585,68 @@ def test_spike_drivers_named_when_some_parameter_has_no_gradient() -> None:
     report = watch.history[8]
     assert report.spike
     assert report.spike_params[:1] == ("body.0.weight",)
+
+
+def _fp16_clipped(max_norm: float):
+    """``test_clip_norm_equals_clip_grad_norm_``'s failing draw: a 1-1 fp16 net (weight, head
+    weight and bias), L1 norm, gradients scaled by 100 ("log10 scale" 2), none dropped or zeroed."""
+    spec = NetSpec((1, 1), (False,), (F16,), frozenset(), tie=False, unused=False, seed=0)
+    model = RandomNet(spec)
+    backward(model, spec)
+    for _, p in trainable(model):
+        p.grad.mul_(100.0)
+    reference = clone_with_grads(model)
+    original = [p.grad.clone() for _, p in trainable(model)]
+    total = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm, 1)
+    report = gw.GradWatch(model, clip=gw.ClipNorm(max_norm, 1), sinks=[]).check()
+    return report, list(zip(trainable(model), trainable(reference), original)), total
+
+
+def test_fp16_clip_coefficient_rounded_among_subnormals() -> None:
+    """torch's fp16 clip coefficient is an fp16 subnormal here, rounded to a multiple of 2**-24.
+
+    Global L1 norm 189.6589 (gradwatch, float32); torch's fp16 total 189.625 (-0.018 %), ``+ 1e-6``
+    vanishes, its reciprocal rounds to 0.00527191 (-0.03 %), times ``max_norm = 1e-3`` gives
+    5.27191e-6 = 88.45 steps of 2**-24 (fp16's subnormal spacing; its smallest normal is 6.1e-5),
+    which rounds to 88: -0.52 % against gradwatch's 88.46 steps. The clipped head bias is then
+    -0.00086737 (gradwatch) against -0.00086308 (torch), 0.50 % apart, beyond the former
+    ``rtol=2 * HALF_RTOL`` (0.39 %) though both sides are right to their coefficient's precision.
+    """
+    report, pairs, total = _fp16_clipped(max_norm=1e-3)
+    assert total.item() == 189.625 and report.global_norm == pytest.approx(189.6589, rel=1e-6)
+    torch_coef = torch.clamp(1e-3 / (total + 1e-6), max=1.0)
+    assert torch_coef.dtype == F16 and torch_coef.item() == 88 * 2.0**-24
+    assert report.clip_coef / 2.0**-24 == pytest.approx(88.46, abs=0.005)
+    (_, ours), (_, theirs), _ = pairs[-1]  # head.bias
+    assert ours.grad.item() == -0.0008673667907714844
+    assert theirs.grad.item() == -0.0008630752563476562
+    assert not torch.allclose(ours.grad, theirs.grad, rtol=2 * HALF_RTOL[F16], atol=HALF_ATOL[F16])
+    assert_half_clip_matches(report, pairs, total, 1e-3, 1, F16)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1.0], ids=["subnormal-coef", "normal-coef"])
+@pytest.mark.parametrize("fault", ["coef-1%-off", "not-applied", "norm-1%-off"])
+def test_half_clip_comparison_catches_wrong_clipping(max_norm: float, fault: str) -> None:
+    """``assert_half_clip_matches`` is not vacuous: it fails when gradwatch's clipping is wrong.
+
+    A reported norm 1 % off with the coefficient still right is caught by the bound on torch's
+    coefficient among normal numbers only (among subnormals the bound is wider than 1 %); a norm
+    that really was 1 % off would also make the coefficient 1 % off, which the exact checks catch.
+    """
+    report, pairs, total = _fp16_clipped(max_norm)
+    assert_half_clip_matches(report, pairs, total, max_norm, 1, F16)  # right as it is
+    if fault == "norm-1%-off":
+        report = SimpleNamespace(global_norm=1.01 * report.global_norm, clip_coef=report.clip_coef)
+    for (_, ours), _, g in pairs:
+        if fault == "coef-1%-off":
+            ours.grad.mul_(1.01)
+        elif fault == "not-applied":
+            ours.grad.copy_(g)
+    if fault == "norm-1%-off" and max_norm == 1e-3:
+        assert_half_clip_matches(report, pairs, total, max_norm, 1, F16)  # within the wide bound
+        return
+    with pytest.raises(AssertionError):
+        assert_half_clip_matches(report, pairs, total, max_norm, 1, F16)
 
 
 def _unresolved_report() -> tuple[gw.StepReport, gw.GradWatch]:
