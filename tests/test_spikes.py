@@ -50,6 +50,19 @@ def test_spike_detector_matches_its_rule_on_a_hand_sequence() -> None:
     assert det.update(math.nan) is False and det.mean == pytest.approx(mean)
 
 
+def test_an_outlier_during_warmup_does_not_blind_the_detector() -> None:
+    rng = np.random.default_rng(0)
+    values = 1.0 + 0.05 * rng.standard_normal(80)
+    values[10] = 100.0  # a bad batch inside the 25-step warm-up
+    values[40] = 5.0  # a later spike that the raw warm-up variance would hide
+    det = gw.SpikeDetector()
+    flags = [i for i, v in enumerate(values) if det.update(float(v))]
+    assert flags == [40]
+    # Without the cap the warm-up variance is about 100**2 / 25, a threshold near 50.
+    raw = np.concatenate((values[:10], values[11:25]))
+    assert det.update(1.0) is False and det.mean == pytest.approx(raw.mean(), rel=0.1)
+
+
 def test_on_spike_clip_rescales_to_threshold() -> None:
     model = mlp(depth=2)
     watch = gw.GradWatch(model, on_spike="clip", sinks=[])

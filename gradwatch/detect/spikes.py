@@ -31,7 +31,9 @@ class SpikeDetector:
     Args:
         alpha: EMA smoothing factor in (0, 1); higher remembers longer.
         z_threshold: A value more than this many standard deviations above the mean is a spike.
-        warmup: Number of finite values used to initialise mean and variance; no spike is flagged
+        warmup: Number of finite values used to initialise mean and variance; an outlier among
+            them enters capped (at the median plus ``z_threshold`` robust standard deviations),
+            so a bad batch during warm-up does not blind the detector. No spike is flagged
             before that.
         min_ratio: A spike must also exceed ``min_ratio`` times the mean. Guards against flagging
             noise in a run whose values barely vary (a tiny variance makes any wobble an outlier).
@@ -79,8 +81,7 @@ class SpikeDetector:
             self._warm.append(value)
             self.count += 1
             if self.count == self.warmup:
-                self.mean = float(np.mean(self._warm))
-                self.var = float(np.var(self._warm))
+                self._start(np.asarray(self._warm))
                 self._warm = []
             return False
         threshold = self.threshold
@@ -88,6 +89,22 @@ class SpikeDetector:
         spike = value > threshold
         self._ema(threshold if spike else value)
         return spike
+
+    def _start(self, warm: np.ndarray) -> None:
+        """Mean and variance of the warm-up values, outliers capped first.
+
+        An outlier during warm-up (a bad batch at step 10) would otherwise inflate the variance
+        and blind the detector for a few hundred steps. The cap is the detector's own rule with
+        robust statistics: the median plus ``z_threshold`` robust standard deviations (1.4826 x
+        the median absolute deviation), and at least ``min_ratio`` x the median. Values above
+        it enter at the cap, as outliers do after warm-up.
+        """
+        median = float(np.median(warm))
+        spread = 1.4826 * float(np.median(np.abs(warm - median)))
+        cap = max(median + self.z_threshold * spread, self.min_ratio * abs(median))
+        capped = np.minimum(warm, cap)
+        self.mean = float(np.mean(capped))
+        self.var = float(np.var(capped))
 
     def _ema(self, value: float) -> None:
         self.count += 1
