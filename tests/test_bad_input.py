@@ -344,7 +344,7 @@ def test_odd_model_on_the_meta_device() -> None:
 
 
 def test_odd_model_complex_parameters() -> None:
-    """Norms, NaN naming and ClipNorm work and match torch; ClipValue fails like torch's."""
+    """Norms, NaN naming and ClipNorm work and match torch; ClipValue is refused up front."""
     torch.manual_seed(0)
     model = nn.Linear(3, 3, dtype=torch.complex64)
     model(torch.randn(4, 3, dtype=torch.complex64)).abs().sum().backward()
@@ -357,9 +357,12 @@ def test_odd_model_complex_parameters() -> None:
     )
     model.weight.grad[0, 0] = complex(math.nan, 0.0)
     assert gw.GradWatch(model, sinks=[]).check().nonfinite == ("weight",)
-    watch = gw.GradWatch(model, clip=gw.ClipValue(0.1), sinks=[])
-    with pytest.raises(NotImplementedError, match=r"clamp is not supported for complex types"):
-        watch.check()
+    with pytest.raises(
+        ValueError,
+        match=r"ClipValue cannot clamp the complex gradient of "
+        r"parameter 'weight' \(complex64\).*use ClipNorm",
+    ):
+        gw.GradWatch(model, clip=gw.ClipValue(0.1), sinks=[])
     with pytest.raises(NotImplementedError, match=r"clamp is not supported for complex types"):
         torch.nn.utils.clip_grad_value_(reference.parameters(), 0.1)
 

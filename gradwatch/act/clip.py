@@ -20,6 +20,7 @@ from torch import Tensor
 
 from gradwatch.collect.norms import GradBatch, has_foreach
 from gradwatch.config import check_norm_type, check_positive
+from gradwatch.errors import ConfigError
 
 __all__ = ["ClipNorm", "ClipValue", "Clipper"]
 
@@ -133,6 +134,18 @@ class ClipValue(Clipper):
 
     def __init__(self, clip_value: float) -> None:
         self.clip_value = check_positive("ClipValue(clip_value)", clip_value)
+
+    def bind(self, named_params: Iterable[tuple[str, Tensor]]) -> Clipper:
+        """Refuse complex parameters now: an order on complex values does not exist."""
+        for name, p in named_params:
+            if p.is_complex():
+                raise ConfigError(
+                    f"ClipValue cannot clamp the complex gradient of parameter {name!r} "
+                    f"({str(p.dtype).replace('torch.', '')}): complex numbers have no order "
+                    "(torch's clip_grad_value_ fails on them too); use ClipNorm, which scales "
+                    "them by their magnitude"
+                )
+        return self
 
     def clip_(self, batch: GradBatch, total_norm: Tensor, param_norms: Tensor, out: Tensor) -> None:
         for group in batch.groups:
