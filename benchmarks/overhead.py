@@ -639,7 +639,7 @@ class _Probe:
         return lines
 
 
-# (label, attribute path from the watcher or "@Class", method): inclusive timers.
+# (label, dotted attribute path from the watcher or "@Class", method): inclusive timers.
 _PROBES = [
     ("check", "", "_check"),
     ("ring.claim", "_ring", "claim"),
@@ -655,24 +655,31 @@ _PROBES = [
     ("StepReport._deferred", "@StepReport", "_deferred"),
     ("arrivals.snapshot", "_arrivals", "snapshot"),
     ("probe.capture", "_probe", "capture"),
-    ("_scan", "", "_scan"),
+    ("emission.add", "_emission", "add"),
+    ("emission.scan", "_emission", "scan"),
+    ("emission.judge", "_emission", "judge"),
     ("ring.peek", "_ring", "peek"),
-    ("_drain", "", "_drain"),
+    ("emission.drain", "_emission", "drain"),
     ("ring.host_row", "_ring", "host_row"),
-    ("_emit", "", "_emit"),
-    ("_emit_many", "", "_emit_many"),
+    ("emission._emit", "_emission", "_emit"),
     ("spike_detector.update", "spike_detector", "update"),
-    ("baseline.culprits", "_baseline", "culprits"),
-    ("baseline.update", "_baseline", "update"),
+    ("baseline.culprits", "_emission.baseline", "culprits"),
+    ("baseline.update", "_emission.baseline", "update"),
     ("ParamNorms()", "@ParamNorms", "__init__"),
     ("StepReport._fill", "@StepReport", "_fill"),
-    ("aggregator.update", "_aggregator", "update"),
-    ("aggregator._absorb", "_aggregator", "_absorb"),
+    ("aggregator.update", "_emission.aggregator", "update"),
+    ("aggregator._absorb", "_emission.aggregator", "_absorb"),
     ("health_detector.update", "health_detector", "update"),
     ("sinks.write", "_sinks", "write"),
-    ("_events", "", "_events"),
 ]
 _PROBE_ORDER = {label: i for i, (label, _, _) in enumerate(_PROBES)}
+
+
+def _attribute(obj: Any, path: str) -> Any:
+    """``obj`` followed along a dotted attribute path ("" is ``obj``); None where one is missing."""
+    for name in path.split(".") if path else ():
+        obj = getattr(obj, name, None)
+    return obj
 
 
 def breakdown(setup: Setup, args: argparse.Namespace) -> list[str]:
@@ -711,7 +718,7 @@ def breakdown(setup: Setup, args: argparse.Namespace) -> list[str]:
     probe = _Probe()
     classes = {"@StepReport": gradwatch.StepReport, "@ParamNorms": gradwatch.ParamNorms}
     for label, path, attr in _PROBES:
-        owner = classes.get(path) or (getattr(watch, path, None) if path else watch)
+        owner = classes.get(path) or _attribute(watch, path)
         if owner is not None:
             probe.wrap(owner, attr, label)
     try:

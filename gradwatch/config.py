@@ -14,11 +14,16 @@ from gradwatch.errors import ConfigError, ConfigTypeError
 __all__ = [
     "NonFinitePolicy",
     "SpikePolicy",
+    "check_bool",
     "check_choice",
+    "check_instance",
     "check_int",
     "check_norm_type",
     "check_positive",
     "check_probability",
+    "check_rank",
+    "check_sinks",
+    "resolve_norm_type",
 ]
 
 NonFinitePolicy = Literal["warn", "skip", "raise"]
@@ -83,3 +88,63 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
         valid = ", ".join(repr(c) for c in choices)
         raise ConfigError(f"{name} must be one of {valid}, got {value!r}")
     return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Return ``value`` if it is ``True`` or ``False``, else raise."""
+    if not isinstance(value, bool):
+        raise ConfigTypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_rank(name: str, value: object) -> int | None:
+    """Return ``value`` if it is None or a process rank (an int >= 0), else raise."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise ConfigTypeError(f"{name} must be an int >= 0 or None, got {value!r}")
+    return value
+
+
+def check_instance(name: str, value: object, cls: type) -> None:
+    """Raise unless ``value`` is None or an instance of ``cls`` (a part the caller may replace)."""
+    if value is not None and not isinstance(value, cls):
+        raise ConfigTypeError(
+            f"{name} must be a {cls.__name__} or None, got {type(value).__name__}"
+        )
+
+
+def check_sinks(name: str, sinks: object) -> None:
+    """Raise unless ``sinks`` is a list or tuple of sink instances (objects with ``write``)."""
+    if not isinstance(sinks, (list, tuple)):
+        raise ConfigTypeError(f"{name} must be a list of sinks or None, got {type(sinks).__name__}")
+    for i, sink in enumerate(sinks):
+        if isinstance(sink, type):
+            raise ConfigTypeError(
+                f"{name}[{i}] must be a sink instance, got the class {sink.__name__}; "
+                f"create an instance: {sink.__name__}(...)"
+            )
+        if not callable(getattr(sink, "write", None)):
+            raise ConfigTypeError(
+                f"{name}[{i}] must have a write(record) method (subclass gradwatch.Sink), "
+                f"got {type(sink).__name__}"
+            )
+
+
+def resolve_norm_type(norm_type: object, clip_norm_type: float | None) -> float:
+    """The global norm's order: ``norm_type``, else the clipper's, else 2; the two must agree.
+
+    Args:
+        norm_type: The order asked for, or None.
+        clip_norm_type: The clipper's order, or None (no clipper, or one without a norm).
+
+    Raises:
+        ConfigError: Both are given and differ.
+    """
+    if norm_type is None:
+        norm_type = clip_norm_type if clip_norm_type is not None else 2.0
+    number = check_norm_type("norm_type", norm_type)
+    if clip_norm_type is not None and clip_norm_type != number:
+        raise ConfigError(
+            f"norm_type={norm_type!r} differs from the clipper's norm_type={clip_norm_type!r}; "
+            "give one norm_type (the clipper's is used when norm_type is left out)"
+        )
+    return number

@@ -2,9 +2,10 @@
 
 It wires the parts together and nothing else: the collector reads gradients into a row of the
 device stats ring; clippers act on the device; rows are brought to the host later (at once on CPU,
-about a step later on accelerators) and only then run through the detectors and out to the sinks.
-The step path therefore never waits for the device, except where a policy must decide now
-(``on_nonfinite`` or ``on_spike`` set to ``"skip"``/``"raise"``, ``on_spike="clip"``).
+about a step later on accelerators) and only then run through the detectors and out to the sinks
+(:mod:`gradwatch.emission`). The step path therefore never waits for the device, except where a
+policy must decide now (``on_nonfinite`` or ``on_spike`` set to ``"skip"``/``"raise"``,
+``on_spike="clip"``).
 """
 
 from __future__ import annotations
@@ -19,16 +20,15 @@ import weakref
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import torch
 
 from gradwatch._version import __version__
 from gradwatch.act.clip import EPS, Clipper, scale_
 from gradwatch.act.skip import StepGuard, drop_gradients
-from gradwatch.alerts import needs_events, policy_error, step_events
+from gradwatch.alerts import policy_error
 from gradwatch.collect.distributed import (
     RankBlame,
     any_rank,
@@ -40,20 +40,24 @@ from gradwatch.collect.forensics import ActivationProbe, StepProbe
 from gradwatch.collect.hooks import ArrivalOrder, MicroBatchNorms
 from gradwatch.collect.norms import GradCollector
 from gradwatch.collect.params import ParamChanges, WatchedParams, resolve_params
-from gradwatch.collect.ring import COEF, GLOBAL, LOSS, NORMS, SCALE, Slot, StatsRing
+from gradwatch.collect.ring import Slot, StatsRing
 from gradwatch.config import (
     NONFINITE_POLICIES,
     SPIKE_POLICIES,
     NonFinitePolicy,
     SpikePolicy,
+    check_bool,
     check_choice,
+    check_instance,
     check_int,
-    check_norm_type,
+    check_rank,
+    check_sinks,
+    resolve_norm_type,
 )
 from gradwatch.detect.health import HealthDetector
-from gradwatch.detect.nonfinite import nonfinite_in_backward_order
 from gradwatch.detect.spikes import ParamBaseline, SpikeDetector
 from gradwatch.diagnose import diagnose_health
+from gradwatch.emission import Emission, Pending
 from gradwatch.errors import (
     ConfigError,
     ConfigTypeError,
@@ -63,7 +67,6 @@ from gradwatch.errors import (
 from gradwatch.records import (
     Finding,
     ParamInfo,
-    ParamNorms,
     RunStart,
     RunSummary,
     StepReport,
@@ -71,36 +74,6 @@ from gradwatch.records import (
 from gradwatch.report.base import Sink, SinkGroup, StepAggregator
 
 __all__ = ["BackwardScope", "GradWatch"]
-
-DRAIN_BATCH = 32
-"""Most rows held back from the sinks when nothing urgent happened and no sink asked for them.
-
-Every row is judged as soon as it is on the host (at once on CPU, about a step later on
-accelerators): the spike and loss detectors run on its two scalars, so an alert is emitted at
-once. The rest of the emission (per-parameter baselines, health, the report's fields, the sinks)
-runs for up to this many rows together, earlier when a sink's :meth:`~gradwatch.Sink.next_due`
-asks: a :class:`~gradwatch.JsonlSink` takes every step at once so a killed process loses no
-completed step, a console takes its window when its summary line is due."""
-
-
-@dataclass
-class _Pending:
-    """What the host must know to turn a device row into a report."""
-
-    report: StepReport
-    positions: list[int] | None
-    arrivals: tuple[torch.Tensor, ...]
-    has_loss: bool
-    has_scale: bool
-    skip_reason: str | None
-    action: str | None
-    micro: list[torch.Tensor]
-    blame: torch.Tensor | None
-    probe: Any = None  # collect.forensics.Probe: learning rates, weight and activation samples
-    # Set when the row is judged (see GradWatch._judge):
-    spike_threshold: float | None = None
-    spike: bool = False
-    loss_spike: bool = False
 
 
 class BackwardScope:
@@ -184,29 +157,13 @@ class GradWatch:
                 "clip must be a gradwatch clipper such as ClipNorm(1.0) or ClipValue(0.5), "
                 f"or None; got {type(clip).__name__}"
             )
-        self.on_nonfinite = check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
-        self.on_spike = check_choice("on_spike", on_spike, SPIKE_POLICIES)
-        clip_norm_type = clip.norm_type if clip is not None else None
-        if norm_type is None:
-            norm_type = clip_norm_type if clip_norm_type is not None else 2.0
-        self.norm_type = check_norm_type("norm_type", norm_type)
-        if clip_norm_type is not None and clip_norm_type != self.norm_type:
-            raise ConfigError(
-                f"norm_type={norm_type!r} differs from the clipper's norm_type={clip_norm_type!r}; "
-                "give one norm_type (the clipper's is used when norm_type is left out)"
-            )
-        for name, det in (("spike_detector", spike_detector), ("loss_detector", loss_detector)):
-            if det is not None and not isinstance(det, SpikeDetector):
-                raise ConfigTypeError(
-                    f"{name} must be a SpikeDetector or None, got {type(det).__name__}"
-                )
-        if health_detector is not None and not isinstance(health_detector, HealthDetector):
-            raise ConfigTypeError(
-                f"health_detector must be a HealthDetector or None, "
-                f"got {type(health_detector).__name__}"
-            )
-        if not isinstance(forensics, bool):
-            raise ConfigTypeError(f"forensics must be True or False, got {forensics!r}")
+        self._on_nonfinite = check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
+        self._on_spike = check_choice("on_spike", on_spike, SPIKE_POLICIES)
+        self._norm_type = resolve_norm_type(norm_type, clip.norm_type if clip is not None else None)
+        check_instance("spike_detector", spike_detector, SpikeDetector)
+        check_instance("loss_detector", loss_detector, SpikeDetector)
+        check_instance("health_detector", health_detector, HealthDetector)
+        check_bool("forensics", forensics)
         self.accumulation_steps = check_int("accumulation_steps", accumulation_steps)
         history = check_int("history", history)
         if layer_depth is not None:
@@ -215,21 +172,7 @@ class GradWatch:
             from gradwatch.report.console import ConsoleSink
 
             sinks = [ConsoleSink()]
-        elif not isinstance(sinks, (list, tuple)):
-            raise ConfigTypeError(
-                f"sinks must be a list of sinks or None, got {type(sinks).__name__}"
-            )
-        for i, sink in enumerate(sinks):
-            if isinstance(sink, type):
-                raise ConfigTypeError(
-                    f"sinks[{i}] must be a sink instance, got the class {sink.__name__}; "
-                    f"create an instance: {sink.__name__}(...)"
-                )
-            if not callable(getattr(sink, "write", None)):
-                raise ConfigTypeError(
-                    f"sinks[{i}] must have a write(record) method (subclass gradwatch.Sink), "
-                    f"got {type(sink).__name__}"
-                )
+        check_sinks("sinks", sinks)
 
         module = unwrap_model(model)
         watched = resolve_params(module)
@@ -240,25 +183,12 @@ class GradWatch:
                 "got named parameters"
             )
         self.names = watched.names
-        self._owner_types = dict(zip(watched.names, watched.owner_types))
-        self.clipper = clip
-        self.spike_detector = spike_detector or SpikeDetector()
-        self.loss_detector = loss_detector or SpikeDetector()
-        self._baseline = ParamBaseline(len(watched), alpha=self.spike_detector.alpha)
-
-        self._history: deque[StepReport] = deque(maxlen=history)
-        self._pending: dict[int, _Pending] = {}
-        self._aggregator = StepAggregator(self.names, depth=layer_depth)
-        if log_rank is not None and (
-            not isinstance(log_rank, int) or isinstance(log_rank, bool) or log_rank < 0
-        ):
-            raise ConfigTypeError(f"log_rank must be an int >= 0 or None, got {log_rank!r}")
-        for flag, value in (
-            ("rank_blame", rank_blame),
-            ("track_micro_batches", track_micro_batches),
-        ):
-            if not isinstance(value, bool):
-                raise ConfigTypeError(f"{flag} must be True or False, got {value!r}")
+        self._clipper = clip
+        self._spike_detector = spike_detector or SpikeDetector()
+        self._loss_detector = loss_detector or SpikeDetector()
+        check_rank("log_rank", log_rank)
+        check_bool("rank_blame", rank_blame)
+        check_bool("track_micro_batches", track_micro_batches)
         if log_rank is not None and is_distributed() and rank() != log_rank:
             sinks = []  # statistics are still computed here; only log_rank reports them
         self._sinks = SinkGroup(sinks)
@@ -277,7 +207,20 @@ class GradWatch:
             self._blame.install(model)
         self._forensics = forensics
         self._track_micro = track_micro_batches
-        self.health_detector = health_detector or HealthDetector()
+        self._health_detector = health_detector or HealthDetector()
+        self._emission = Emission(
+            self.names,
+            dict(zip(watched.names, watched.owner_types)),
+            sinks=self._sinks,
+            spike_detector=self.spike_detector,
+            loss_detector=self.loss_detector,
+            health_detector=self.health_detector,
+            baseline=ParamBaseline(len(watched), alpha=self.spike_detector.alpha),
+            aggregator=StepAggregator(self.names, depth=layer_depth),
+            history=history,
+            on_nonfinite=self.on_nonfinite,
+            norm_type=self.norm_type,
+        )
         self._bind(watched)
         self._changes = ParamChanges(self._module, watched)
         self._step = 0
@@ -285,12 +228,48 @@ class GradWatch:
         self._micro_batches = 0
         self._guard: StepGuard | None = None
         self._writes_coef = clip is not None or self.on_spike == "clip"
-        self._due = self._sinks.next_due(-1)  # the earliest step a sink wants at once
         self._last_skip = False
         self._closed = False
-        self._sinks.write(self._run_start(layer_depth))
+        self._emission.start(self._run_start(layer_depth))
 
     # ----------------------------------------------------------------------------- public API
+
+    # Settings are fixed at construction: the watcher's parts were built from them.
+
+    @property
+    def on_nonfinite(self) -> NonFinitePolicy:
+        """The NaN/Inf policy. Read-only."""
+        return self._on_nonfinite
+
+    @property
+    def on_spike(self) -> SpikePolicy:
+        """The gradient-norm spike policy. Read-only."""
+        return self._on_spike
+
+    @property
+    def norm_type(self) -> float:
+        """Order of the global norm. Read-only."""
+        return self._norm_type
+
+    @property
+    def clipper(self) -> Clipper | None:
+        """The clipper applied at every check, or None. Read-only."""
+        return self._clipper
+
+    @property
+    def spike_detector(self) -> SpikeDetector:
+        """The gradient-norm spike detector. Read-only."""
+        return self._spike_detector
+
+    @property
+    def loss_detector(self) -> SpikeDetector:
+        """The loss spike detector. Read-only."""
+        return self._loss_detector
+
+    @property
+    def health_detector(self) -> HealthDetector:
+        """The per-layer gradient health detector. Read-only."""
+        return self._health_detector
 
     @property
     def step(self) -> int:
@@ -309,7 +288,7 @@ class GradWatch:
         Reading it brings pending steps to the host first (a device wait on accelerators).
         """
         self.flush()
-        return self._history
+        return self._emission.history
 
     def attach(self, optimizer: torch.optim.Optimizer, *, scaler: Any = None) -> GradWatch:
         """Check right before every ``optimizer.step()``, and skip the step when a policy says so.
@@ -399,12 +378,12 @@ class GradWatch:
 
     def flush(self) -> None:
         """Bring every pending step to the host and out to the sinks (waits for the device)."""
-        self._drain(wait=True)
+        self._emission.drain(wait=True)
 
     def summary(self) -> RunSummary:
         """Statistics of the whole run so far (drains pending steps first)."""
         self.flush()
-        return self._aggregator.summary()
+        return self._emission.aggregator.summary()
 
     def diagnose(self) -> list[Finding]:
         """What went wrong so far, with evidence and remedies (drains pending steps first).
@@ -432,7 +411,7 @@ class GradWatch:
         if self._closed:
             return self._final
         findings = tuple(self.diagnose())
-        self._final = replace(self._aggregator.summary(), findings=findings)
+        self._final = replace(self._emission.aggregator.summary(), findings=findings)
         self._closed = True
         self.detach()
         self._unbind()
@@ -457,7 +436,7 @@ class GradWatch:
             "names": list(self.names),
             "spike_detector": self.spike_detector.state_dict(),
             "loss_detector": self.loss_detector.state_dict(),
-            "baseline": self._baseline.state_dict(),
+            "baseline": self._emission.baseline.state_dict(),
             "clip": self.clipper.state_dict() if self.clipper is not None else {},
             "health": self.health_detector.state_dict(),
         }
@@ -489,7 +468,7 @@ class GradWatch:
         self._step = int(state["step"])
         self.spike_detector.load_state_dict(state["spike_detector"])
         self.loss_detector.load_state_dict(state["loss_detector"])
-        self._baseline.load_state_dict(state["baseline"])
+        self._emission.baseline.load_state_dict(state["baseline"])
         if self.clipper is not None:
             self.clipper.load_state_dict(state["clip"])
         if "health" in state:
@@ -513,8 +492,8 @@ class GradWatch:
             self.clipper.bind(zip(watched.names, watched.params))
         self._collector = GradCollector(watched.params, first.device, dtype)
         self._ring = StatsRing(len(watched), capacity=64, device=first.device, dtype=dtype)
-        self._judged = 0  # rows run through the spike and loss detectors (see _judge)
         self._arrivals = ArrivalOrder(watched.params, watched.position)
+        self._emission.bind(self._ring, self._arrivals.positions)
         self._finalizer = weakref.finalize(self, ArrivalOrder.remove, self._arrivals)
         self._micro = MicroBatchNorms(watched.params) if self._track_micro else None
         if self._micro is not None:
@@ -548,7 +527,7 @@ class GradWatch:
             same = all(map(operator.is_, current.params, self._watched.params))
             moved = [(p.dtype, p.device) for p in current.params] != self._changes.layout
             if not (same and not moved):
-                self._drain(wait=True)  # every pending row belongs to the old layout
+                self._emission.drain(wait=True)  # every pending row belongs to the old layout
                 self._unbind()
                 self._bind(current)
             self._changes.track(current)
@@ -583,7 +562,7 @@ class GradWatch:
             self._refresh()
         ring = self._ring
         if ring.written - ring.read >= ring.capacity:
-            self._drain(wait=True, upto=ring.read)
+            self._emission.drain(wait=True, upto=ring.read)
         number, slot = ring.claim()
         blame = self._blame.take() if self._blame is not None else None
         with torch.no_grad():
@@ -609,26 +588,33 @@ class GradWatch:
                 drop_gradients(self._watched.params)
         ring.commit(number)
 
-        report = StepReport._deferred(self._step, lambda: self._drain(wait=True, upto=number))
-        self._pending[number] = _Pending(
-            report,
-            [] if batch is None else batch.positions,
-            self._arrivals.snapshot(),
-            has_loss,
-            has_scale,
-            skip_reason,
-            action or ("skipped" if skip_reason else None),
-            self._micro.take() if self._micro is not None else [],
-            blame,
-            self._probe.capture(self._guard),
+        # Resolved through self: a report not yet filled keeps its watcher (hooks, sinks) alive.
+        report = StepReport._deferred(
+            self._step, lambda: self._emission.drain(wait=True, upto=number)
+        )
+        emission = self._emission
+        emission.add(
+            number,
+            Pending(
+                report,
+                [] if batch is None else batch.positions,
+                self._arrivals.snapshot(),
+                has_loss,
+                has_scale,
+                skip_reason,
+                action or ("skipped" if skip_reason else None),
+                self._micro.take() if self._micro is not None else [],
+                blame,
+                self._probe.capture(self._guard),
+            ),
         )
         self._step += 1
         self._micro_batches = 0
         self._arrivals.clear()
         if action == "raise":
-            self._drain(wait=True, upto=number)
+            emission.drain(wait=True, upto=number)
             raise policy_error(report)
-        self._scan()
+        emission.scan()
         return report
 
     def _write_loss(self, out: torch.Tensor) -> bool:
@@ -677,7 +663,7 @@ class GradWatch:
                 return "non-finite gradient", "raise"
             return "non-finite gradient", "skipped"
         if needs_spike:
-            self._judge(wait=True)  # detector state must include every earlier step
+            self._emission.judge(wait=True)  # detector state must include every earlier step
             threshold = self.spike_detector.threshold
             if threshold is not None and global_norm > threshold:
                 if self.on_spike == "raise":
@@ -689,7 +675,7 @@ class GradWatch:
         if self.clipper is not None:
             self.clipper.clip_(batch, slot.global_norm, slot.norms, slot.coef)
         if self.on_spike == "clip":
-            self._judge(wait=True)  # the threshold depends on every earlier step
+            self._emission.judge(wait=True)  # the threshold depends on every earlier step
             threshold = self.spike_detector.threshold
             if self.clipper is None:
                 slot.coef.fill_(1.0)
@@ -699,140 +685,6 @@ class GradWatch:
             coef = (current + EPS).reciprocal_().mul_(threshold).clamp_(max=1.0)
             scale_(batch, coef)
             slot.coef.mul_(coef)
-
-    # ------------------------------------------------------------------------------ emission
-
-    def _scan(self) -> None:
-        """Judge the rows on the host; emit them if one is urgent, a sink wants them, or enough.
-
-        Judging runs only the scalar detectors, so an alert (NaN/Inf, spike, loss spike, skipped
-        step) reaches the sinks the moment its row is on the host, without waiting for a batch.
-        """
-        urgent = self._judge(wait=False)
-        waiting = self._judged - self._ring.read
-        if waiting and (urgent or waiting >= DRAIN_BATCH or self._step - 1 >= self._due):
-            self._drain(wait=False)
-
-    def _judge(self, *, wait: bool, upto: int | None = None) -> bool:
-        """Run the spike and loss detectors over rows not judged yet, in order.
-
-        Args:
-            wait: Block on rows not yet on the host (else stop at the first such row).
-            upto: Last row number to judge (default: every written row).
-
-        Returns:
-            True if a judged row needs a person's attention now.
-        """
-        ring = self._ring
-        last = ring.written - 1 if upto is None else upto
-        urgent = False
-        while self._judged <= last:
-            number = self._judged
-            if not ring.ready(number):
-                if not wait:
-                    break
-                ring.wait(number)
-            pending = self._pending[number]
-            value = ring.value(number, GLOBAL)
-            pending.spike_threshold = self.spike_detector.threshold
-            pending.spike = self.spike_detector.update(value)
-            if pending.has_loss:
-                loss = ring.value(number, LOSS)
-                pending.loss_spike = self.loss_detector.update(loss)
-            urgent = (
-                urgent
-                or pending.spike
-                or pending.loss_spike
-                or pending.skip_reason is not None
-                or not math.isfinite(value)
-            )
-            self._judged = number + 1
-        return urgent
-
-    def _drain(self, *, wait: bool, upto: int | None = None) -> None:
-        """Turn device rows into reports, in order, and send them to the sinks.
-
-        Args:
-            wait: Block on rows not yet on the host (else stop at the first such row).
-            upto: Last row number to process (default: every written row).
-        """
-        self._judge(wait=wait, upto=upto)
-        ring = self._ring
-        last = self._judged - 1 if upto is None else min(upto, self._judged - 1)
-        if ring.read > last:
-            return
-        while ring.read <= last:
-            number = ring.read
-            ring.read += 1
-            pending = self._pending.pop(number)
-            self._emit(pending, ring.host_row(number))
-        self._due = self._sinks.next_due(pending.report.step)
-
-    def _emit(self, pending: _Pending, row: Any) -> None:
-        report = pending.report
-        norms = row[NORMS:]
-        global_norm = float(row[GLOBAL])
-        positions = pending.positions
-        if positions is None:
-            names, values = self.names, norms
-        else:
-            names, values = tuple(self.names[i] for i in positions), norms[positions]
-        nonfinite: tuple[str, ...] = ()
-        if not math.isfinite(global_norm):
-            order = self._arrivals.positions(pending.arrivals)
-            nonfinite = tuple(
-                self.names[i] for i in nonfinite_in_backward_order(norms, positions, order)
-            )
-        spike = pending.spike
-        present = norms
-        if positions is not None:  # parameters without a gradient neither lead nor learn
-            present = np.full_like(norms, np.nan)
-            present[positions] = norms[positions]
-        culprits: tuple[str, ...] = ()
-        growth = None  # of every parameter alike, when no parameter drives a spike alone
-        if spike:
-            culprits = tuple(self.names[i] for i in self._baseline.culprits(present))
-            growth = None if culprits else self._baseline.growth(present)
-        if not nonfinite:
-            self._baseline.update(present)
-        loss = float(row[LOSS]) if pending.has_loss else None
-        loss_spike = pending.loss_spike
-        coef = float(row[COEF])
-        report._fill(
-            global_norm=global_norm,
-            clipped_norm=global_norm * coef,
-            clip_coef=coef,
-            param_norms=ParamNorms(names, values),
-            nonfinite=nonfinite,
-            spike=spike,
-            loss_spike=loss_spike,
-            skipped=pending.skip_reason is not None,
-            loss=loss,
-            skip_reason=pending.skip_reason,
-            spike_params=culprits,
-            spike_threshold=pending.spike_threshold,
-            scale=float(row[SCALE]) if pending.has_scale else None,
-            norm_type=self.norm_type,
-            micro_batch_norms=tuple(float(m) for m in pending.micro),
-            nonfinite_ranks=_flagged(pending.blame) if nonfinite else (),
-        )
-        self._history.append(report)
-        self._aggregator.update(report)
-        self._sinks.write(report)
-        origin = self.health_detector.update(
-            report, norms, positions, pending.arrivals, pending.probe
-        )
-        if needs_events(report):
-            events = step_events(
-                report,
-                action=pending.action,
-                on_nonfinite=self.on_nonfinite,
-                owner_types=self._owner_types,
-                origin=origin,
-                growth=growth,
-            )
-            for event in events:
-                self._sinks.write(event)
 
     # ------------------------------------------------------------------------------- helpers
 
@@ -871,13 +723,6 @@ def _close_at_exit(ref: weakref.ReferenceType[GradWatch]) -> Any:
                 watch.close()
 
     return hook
-
-
-def _flagged(flags: torch.Tensor | None) -> tuple[int, ...]:
-    """Indices of the set flags (ranks), read at emission."""
-    if flags is None:
-        return ()
-    return tuple(i for i, flag in enumerate(flags.tolist()) if flag)
 
 
 def _detached(loss: Any) -> Any:

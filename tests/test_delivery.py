@@ -14,9 +14,9 @@ import torch
 from conftest import backward, mlp
 
 import gradwatch as gw
+from gradwatch.emission import DRAIN_BATCH
 from gradwatch.records import Event, StepReport
 from gradwatch.report.base import NEVER, SinkGroup
-from gradwatch.watch import DRAIN_BATCH
 
 
 class Recorder(gw.Sink):

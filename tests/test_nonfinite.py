@@ -156,7 +156,7 @@ def test_nan_never_enters_running_statistics() -> None:
     detector = watch.spike_detector
     assert math.isfinite(detector.mean) and math.isfinite(detector.var)
     assert detector.count == 38  # the two poisoned steps were not counted
-    assert all(math.isfinite(v) for v in watch._baseline.ema)
+    assert all(math.isfinite(v) for v in watch._emission.baseline.ema)
     summary = watch.close()
     assert summary.nonfinite_steps == 2
     assert math.isfinite(summary.global_mean) and math.isfinite(summary.global_max)

@@ -122,3 +122,24 @@ def test_culprits_are_named_only_when_they_stand_out() -> None:
     assert baseline.growth(np.full(5, 100.0)) == pytest.approx(100.0)
     # One parameter grew x50 while the others doubled: it is named, alone.
     assert baseline.culprits(np.array([2.0, 2.0, 50.0, 2.0, 2.0])).tolist() == [2]
+
+
+def test_a_spike_does_not_enter_the_parameters_baselines() -> None:
+    """A x50 step is named a spike and leaves every parameter's baseline as it was."""
+    model = mlp(depth=2)
+    watch = gw.GradWatch(model, sinks=[])
+    baselines = []
+    for step in range(45):
+        model.zero_grad()
+        gen = torch.Generator().manual_seed(step)
+        model(torch.randn(16, 8, generator=gen)).pow(2).mean().backward()
+        if step == 40:
+            for p in model.parameters():
+                p.grad.mul_(50.0)
+        report = watch.check()
+        watch.flush()
+        baselines.append(watch._emission.baseline.ema.copy())
+    assert report.step == 44 and [r.step for r in watch.history if r.spike] == [40]
+    assert np.array_equal(baselines[40], baselines[39])  # unchanged by the spike
+    assert not np.array_equal(baselines[41], baselines[40])  # healthy steps go on updating it
+    watch.close()

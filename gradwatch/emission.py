@@ -1,0 +1,282 @@
+"""Emission: device rows of the stats ring become step reports and events, sent to the sinks.
+
+The step path only writes a row of statistics on the device (see :mod:`gradwatch.collect.ring`)
+and hands the host what it will need to read it (a :class:`Pending`). Rows reach the host later:
+at once on CPU, about a step later on accelerators. Only then does the host look at them, in two
+stages, so that the step path never waits for the device:
+
+* **Judging** runs the spike and loss detectors on a row's two scalars (global norm, loss) as
+  soon as the row is on the host, so an alert (NaN/Inf, spike, loss spike, skipped step) is
+  emitted at once, and a policy that must decide now (``on_spike="skip"``) sees detector state
+  that includes every earlier step.
+* **Draining** does the rest: per-parameter baselines (the parameters driving a spike), the
+  report's fields, history, the run summary's aggregation, health, the sinks and the alert
+  events. It runs over batches of rows (:data:`DRAIN_BATCH`) unless a row is urgent or a sink
+  asks for its steps earlier.
+
+Rows are judged and drained strictly in order, so every detector sees the run's steps in order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradwatch.alerts import needs_events, step_events
+from gradwatch.collect.ring import COEF, GLOBAL, LOSS, NORMS, SCALE, StatsRing
+from gradwatch.detect.health import HealthDetector
+from gradwatch.detect.nonfinite import nonfinite_in_backward_order
+from gradwatch.detect.spikes import ParamBaseline, SpikeDetector
+from gradwatch.records import ParamNorms, RunStart, StepReport
+from gradwatch.report.base import NEVER, SinkGroup, StepAggregator
+
+__all__ = ["DRAIN_BATCH", "Emission", "Pending"]
+
+DRAIN_BATCH = 32
+"""Most rows held back from the sinks when nothing urgent happened and no sink asked for them.
+
+Every row is judged as soon as it is on the host (at once on CPU, about a step later on
+accelerators): the spike and loss detectors run on its two scalars, so an alert is emitted at
+once. The rest of the emission (per-parameter baselines, health, the report's fields, the sinks)
+runs for up to this many rows together, earlier when a sink's :meth:`~gradwatch.Sink.next_due`
+asks: a :class:`~gradwatch.JsonlSink` takes every step at once so a killed process loses no
+completed step, a console takes its window when its summary line is due."""
+
+
+@dataclass
+class Pending:
+    """What the host must know to turn a device row into a report."""
+
+    report: StepReport
+    positions: list[int] | None
+    arrivals: tuple[torch.Tensor, ...]
+    has_loss: bool
+    has_scale: bool
+    skip_reason: str | None
+    action: str | None
+    micro: list[torch.Tensor]
+    blame: torch.Tensor | None
+    probe: Any = None  # collect.forensics.Probe: learning rates, weight and activation samples
+    # Set when the row is judged (see Emission.judge):
+    spike_threshold: float | None = None
+    spike: bool = False
+    loss_spike: bool = False
+
+
+class Emission:
+    """Turns the rows of a :class:`~gradwatch.collect.ring.StatsRing` into reports, in order.
+
+    Call :meth:`bind` and :meth:`start` before the first :meth:`add`; call :meth:`bind` again
+    with the new ring whenever the watched parameters are rebuilt, after draining every row of
+    the old one.
+
+    Args:
+        names: Names of the watched parameters, in the ring's column order.
+        owner_types: Parameter name -> class name of the module owning it, for alert wording.
+        sinks: Where reports and events go.
+        spike_detector: Judges each row's global norm.
+        loss_detector: Judges each row's loss, when the step had one.
+        health_detector: Fed every report, for :meth:`~gradwatch.GradWatch.diagnose`.
+        baseline: Each parameter's typical norm, to name the parameters driving a spike.
+        aggregator: Accumulates reports into the run summary.
+        history: Number of recent reports kept in :attr:`history`.
+        on_nonfinite: The watcher's NaN/Inf policy, named in the alert events.
+        norm_type: Order of the global norm, recorded in each report.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        owner_types: Mapping[str, str],
+        *,
+        sinks: SinkGroup,
+        spike_detector: SpikeDetector,
+        loss_detector: SpikeDetector,
+        health_detector: HealthDetector,
+        baseline: ParamBaseline,
+        aggregator: StepAggregator,
+        history: int,
+        on_nonfinite: str,
+        norm_type: float,
+    ) -> None:
+        self.names = names
+        self.owner_types = owner_types
+        self.sinks = sinks
+        self.spike_detector = spike_detector
+        self.loss_detector = loss_detector
+        self.health_detector = health_detector
+        self.baseline = baseline
+        self.aggregator = aggregator
+        self.history: deque[StepReport] = deque(maxlen=history)
+        self.on_nonfinite = on_nonfinite
+        self.norm_type = norm_type
+        self._pending: dict[int, Pending] = {}
+        self._newest = -1  # step of the last row added
+        self._due = NEVER  # the earliest step a sink wants at once (set by start)
+
+    def start(self, record: RunStart) -> None:
+        """Learn when the sinks first want a step, and send them the run's first record."""
+        self._due = self.sinks.next_due(-1)
+        self.sinks.write(record)
+
+    def bind(self, ring: StatsRing, order: Callable[[tuple[torch.Tensor, ...]], list[int]]) -> None:
+        """Read rows from ``ring`` from now on, its row 0 first.
+
+        Args:
+            ring: The stats ring the step path writes.
+            order: Maps a :class:`Pending`'s ``arrivals`` to parameter positions in backward
+                order (``ArrivalOrder.positions``), to name the first NaN/Inf gradient.
+        """
+        self._ring = ring
+        self._order = order
+        self._judged = 0  # rows run through the spike and loss detectors (see judge)
+
+    def add(self, number: int, pending: Pending) -> None:
+        """Take row ``number`` (committed to the ring) and what is needed to report it."""
+        self._pending[number] = pending
+        self._newest = pending.report.step
+
+    def scan(self) -> None:
+        """Judge the rows on the host; emit them if one is urgent, a sink wants them, or enough.
+
+        Judging runs only the scalar detectors, so an alert (NaN/Inf, spike, loss spike, skipped
+        step) reaches the sinks the moment its row is on the host, without waiting for a batch.
+        """
+        urgent = self.judge(wait=False)
+        waiting = self._judged - self._ring.read
+        if waiting and (urgent or waiting >= DRAIN_BATCH or self._newest >= self._due):
+            self.drain(wait=False)
+
+    def judge(self, *, wait: bool, upto: int | None = None) -> bool:
+        """Run the spike and loss detectors over rows not judged yet, in order.
+
+        Args:
+            wait: Block on rows not yet on the host (else stop at the first such row).
+            upto: Last row number to judge (default: every written row).
+
+        Returns:
+            True if a judged row needs a person's attention now.
+        """
+        ring = self._ring
+        last = ring.written - 1 if upto is None else upto
+        urgent = False
+        while self._judged <= last:
+            number = self._judged
+            if not ring.ready(number):
+                if not wait:
+                    break
+                ring.wait(number)
+            pending = self._pending[number]
+            value = ring.value(number, GLOBAL)
+            pending.spike_threshold = self.spike_detector.threshold
+            pending.spike = self.spike_detector.update(value)
+            if pending.has_loss:
+                loss = ring.value(number, LOSS)
+                pending.loss_spike = self.loss_detector.update(loss)
+            urgent = (
+                urgent
+                or pending.spike
+                or pending.loss_spike
+                or pending.skip_reason is not None
+                or not math.isfinite(value)
+            )
+            self._judged = number + 1
+        return urgent
+
+    def drain(self, *, wait: bool, upto: int | None = None) -> None:
+        """Turn device rows into reports, in order, and send them to the sinks.
+
+        Args:
+            wait: Block on rows not yet on the host (else stop at the first such row).
+            upto: Last row number to process (default: every written row).
+        """
+        self.judge(wait=wait, upto=upto)
+        ring = self._ring
+        last = self._judged - 1 if upto is None else min(upto, self._judged - 1)
+        if ring.read > last:
+            return
+        while ring.read <= last:
+            number = ring.read
+            ring.read += 1
+            pending = self._pending.pop(number)
+            self._emit(pending, ring.host_row(number))
+        self._due = self.sinks.next_due(pending.report.step)
+
+    def _emit(self, pending: Pending, row: Any) -> None:
+        report = pending.report
+        norms = row[NORMS:]
+        global_norm = float(row[GLOBAL])
+        positions = pending.positions
+        if positions is None:
+            names, values = self.names, norms
+        else:
+            names, values = tuple(self.names[i] for i in positions), norms[positions]
+        nonfinite: tuple[str, ...] = ()
+        if not math.isfinite(global_norm):
+            order = self._order(pending.arrivals)
+            nonfinite = tuple(
+                self.names[i] for i in nonfinite_in_backward_order(norms, positions, order)
+            )
+        spike = pending.spike
+        present = norms
+        if positions is not None:  # parameters without a gradient neither lead nor learn
+            present = np.full_like(norms, np.nan)
+            present[positions] = norms[positions]
+        culprits: tuple[str, ...] = ()
+        growth = None  # of every parameter alike, when no parameter drives a spike alone
+        if spike:
+            culprits = tuple(self.names[i] for i in self.baseline.culprits(present))
+            growth = None if culprits else self.baseline.growth(present)
+        if not nonfinite and not spike:  # a spike would inflate every baseline for ~100 steps
+            self.baseline.update(present)
+        loss = float(row[LOSS]) if pending.has_loss else None
+        loss_spike = pending.loss_spike
+        coef = float(row[COEF])
+        report._fill(
+            global_norm=global_norm,
+            clipped_norm=global_norm * coef,
+            clip_coef=coef,
+            param_norms=ParamNorms(names, values),
+            nonfinite=nonfinite,
+            spike=spike,
+            loss_spike=loss_spike,
+            skipped=pending.skip_reason is not None,
+            loss=loss,
+            skip_reason=pending.skip_reason,
+            spike_params=culprits,
+            spike_threshold=pending.spike_threshold,
+            scale=float(row[SCALE]) if pending.has_scale else None,
+            norm_type=self.norm_type,
+            micro_batch_norms=tuple(float(m) for m in pending.micro),
+            nonfinite_ranks=_flagged(pending.blame) if nonfinite else (),
+        )
+        self.history.append(report)
+        self.aggregator.update(report)
+        self.sinks.write(report)
+        origin = self.health_detector.update(
+            report, norms, positions, pending.arrivals, pending.probe
+        )
+        if needs_events(report):
+            events = step_events(
+                report,
+                action=pending.action,
+                on_nonfinite=self.on_nonfinite,
+                owner_types=self.owner_types,
+                origin=origin,
+                growth=growth,
+            )
+            for event in events:
+                self.sinks.write(event)
+
+
+def _flagged(flags: torch.Tensor | None) -> tuple[int, ...]:
+    """Indices of the set flags (ranks), read at emission."""
+    if flags is None:
+        return ()
+    return tuple(i for i, flag in enumerate(flags.tolist()) if flag)
