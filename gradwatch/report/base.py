@@ -21,7 +21,7 @@ import numpy as np
 from gradwatch.errors import GradWatchWarning
 from gradwatch.records import LayerSummary, Record, RunSummary, StepReport
 
-__all__ = ["NEVER", "Sink", "SinkGroup", "StepAggregator", "layer_of"]
+__all__ = ["NEVER", "Sink", "SinkGroup", "StepAggregator", "layer_of", "window_due"]
 
 
 class Sink:
@@ -64,6 +64,17 @@ NEVER = sys.maxsize
 """What :meth:`Sink.next_due` returns for a sink that never needs a step early."""
 
 
+def window_due(step: int, every: int, filled: int) -> int:
+    """:meth:`Sink.next_due` of a sink writing one line per window of ``every`` steps.
+
+    Args:
+        step: The last step the sink has received.
+        every: Steps per window (0: the sink writes no periodic line, so never).
+        filled: Steps already in the current window.
+    """
+    return NEVER if not every else step + every - filled
+
+
 class SinkGroup:
     """Fans records out to sinks; a sink that raises is disabled with one warning, never fatal.
 
@@ -83,14 +94,14 @@ class SinkGroup:
 
     def next_due(self, step: int) -> int:
         """The earliest :meth:`Sink.next_due` over the sinks (:data:`NEVER` without sinks)."""
-        due = NEVER
-        for sink in tuple(self.sinks):
-            try:
-                next_due = getattr(sink, "next_due", None)  # duck-typed sinks: every step
-                due = min(due, step + 1 if next_due is None else int(next_due(step)))
-            except (Exception, SystemExit) as err:
-                self._disable(sink, err)
-        return due
+        dues = [NEVER]
+
+        def ask(sink: Sink) -> None:
+            next_due = getattr(sink, "next_due", None)  # duck-typed sinks: every step
+            dues.append(step + 1 if next_due is None else int(next_due(step)))
+
+        self._each(ask, close_failed=True)
+        return min(dues)
 
     def close(self) -> None:
         self._each(lambda sink: getattr(sink, "close", _nothing)(), close_failed=False)

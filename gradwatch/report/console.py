@@ -33,7 +33,7 @@ from rich.text import Text
 from gradwatch.config import check_int
 from gradwatch.errors import ConfigTypeError
 from gradwatch.records import Event, Record, RunStart, RunSummary, StepReport
-from gradwatch.report.base import NEVER, Sink, StepAggregator
+from gradwatch.report.base import Sink, StepAggregator, window_due
 
 __all__ = ["ConsoleSink", "fmt", "summary_notes", "summary_table", "window_line"]
 
@@ -185,10 +185,7 @@ class ConsoleSink(Sink):
 
     def next_due(self, step: int) -> int:
         """The step completing the current window, so its line prints on time (never if every=0)."""
-        if not self.every:
-            return NEVER
-        pending = self._window.steps if self._window is not None else 0
-        return step + self.every - pending
+        return window_due(step, self.every, self._window.steps if self._window is not None else 0)
 
     def write(self, record: Record) -> None:
         if isinstance(record, StepReport):

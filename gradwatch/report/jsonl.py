@@ -56,7 +56,7 @@ from gradwatch.records import (
     RunSummary,
     StepReport,
 )
-from gradwatch.report.base import Sink
+from gradwatch.report.base import Sink, window_due
 
 __all__ = [
     "FORMAT",
@@ -221,9 +221,7 @@ class JsonlSink(Sink):
 
     def next_due(self, step: int) -> int:
         """Every step at once, so a killed process loses no completed step (else each window's)."""
-        if self._window is None:
-            return step + 1
-        return step + self.every - self._window.steps
+        return window_due(step, self.every, self._window.steps if self._window is not None else 0)
 
     def write(self, record: Record) -> None:
         if isinstance(record, StepReport):

@@ -17,7 +17,7 @@ from rich.console import Console
 from gradwatch.config import check_int
 from gradwatch.errors import ConfigTypeError
 from gradwatch.records import Event, Record, RunStart, RunSummary, StepReport
-from gradwatch.report.base import NEVER, Sink, StepAggregator
+from gradwatch.report.base import Sink, StepAggregator, window_due
 from gradwatch.report.console import summary_notes, summary_table, window_line
 
 __all__ = ["LoggingSink"]
@@ -78,10 +78,7 @@ class LoggingSink(Sink):
 
     def next_due(self, step: int) -> int:
         """The step completing the current window, so its line is logged on time (0: never)."""
-        if not self.every:
-            return NEVER
-        pending = self._window.steps if self._window is not None else 0
-        return step + self.every - pending
+        return window_due(step, self.every, self._window.steps if self._window is not None else 0)
 
     def write(self, record: Record) -> None:
         if isinstance(record, StepReport):
