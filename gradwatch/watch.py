@@ -526,14 +526,15 @@ class GradWatch:
         if current.names == self.names:
             same = all(map(operator.is_, current.params, self._watched.params))
             moved = [(p.dtype, p.device) for p in current.params] != self._changes.layout
-            if not (same and not moved):
+            if moved or not same:
                 self._emission.drain(wait=True)  # every pending row belongs to the old layout
                 self._unbind()
                 self._bind(current)
             self._changes.track(current)
             return
-        added = [n for n in current.names if n not in set(self.names)]
-        gone = [n for n in self.names if n not in set(current.names)]
+        watched, now = set(self.names), set(current.names)
+        added = [n for n in current.names if n not in watched]
+        gone = [n for n in self.names if n not in now]
         parts = []
         if added:
             parts.append(f"trainable but not watched: {_listed(added)}")
