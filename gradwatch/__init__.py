@@ -18,6 +18,7 @@ from gradwatch.errors import (
     StateError,
 )
 from gradwatch.records import (
+    CAUSES,
     Event,
     Finding,
     LayerSummary,
@@ -35,6 +36,7 @@ from gradwatch.report.tensorboard import TensorBoardSink
 from gradwatch.watch import GradWatch
 
 __all__ = [
+    "CAUSES",
     "ClipNorm",
     "ClipPercentile",
     "ClipUnitwise",

@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping
 
 from gradwatch.detect.health import NonFiniteOrigin
-from gradwatch.diagnose import describe_origin
+from gradwatch.diagnosis.wording import where
 from gradwatch.errors import GradientSpikeError, GradWatchError, NonFiniteGradientError
 from gradwatch.records import Event, StepReport
 
@@ -23,6 +23,7 @@ def needs_events(report: StepReport) -> bool:
     """True if the report has something to tell a person (only then are events worded)."""
     return bool(
         report.nonfinite
+        or (report.loss is not None and not math.isfinite(report.loss))
         or report.spike
         or report.loss_spike
         or report.skipped
@@ -38,6 +39,7 @@ def step_events(
     owner_types: Mapping[str, str],
     origin: NonFiniteOrigin | None = None,
     growth: float | None = None,
+    cause: str | None = None,
 ) -> list[Event]:
     """The events of one step, most important first.
 
@@ -49,11 +51,14 @@ def step_events(
         origin: Where NaN/Inf started, when forensics or the health detector found it.
         growth: On a spike that no parameter drives alone: how much every parameter's norm grew
             relative to its own history (median ratio).
+        cause: The probable cause, for the first event of an incident (None otherwise).
     """
     events = []
     taken = _TAKEN.get(action or "", "")
     if report.nonfinite:
         events.append(_nonfinite_event(report, taken, on_nonfinite, owner_types, origin))
+    elif report.loss is not None and not math.isfinite(report.loss):
+        events.append(_loss_event(report, origin))
     elif not math.isfinite(report.global_norm):
         largest = max(report.param_norms.items(), key=lambda kv: kv[1], default=("?", 0.0))
         message = (
@@ -72,7 +77,30 @@ def step_events(
     if report.skipped and not report.nonfinite and not report.spike:
         message = f"step {report.step}: optimizer step skipped ({report.skip_reason})"
         events.append(Event(report.step, "skip", message, (), {"reason": report.skip_reason or ""}))
+    if cause is not None and events:
+        first = events[0]
+        message = f"{first.message}; probable cause: {cause.replace('_', ' ')}"
+        events[0] = Event(first.step, first.kind, message, first.params, first.data, cause)
     return events
+
+
+def _source(origin: NonFiniteOrigin, place: str) -> str:
+    """Where a NaN/Inf came from, in a few words: a module, the loss, the input, or a pass."""
+    if place in ("input", "loss"):
+        return f"the {place}"
+    if place and place in (origin.first_activation, origin.first_signal):
+        return f"`{place}`"
+    if origin.stage == "forward":
+        return "the forward pass"
+    return "the backward pass" if origin.stage == "backward" else "an unknown source"
+
+
+def _loss_event(report: StepReport, origin: NonFiniteOrigin | None) -> Event:
+    """A non-finite loss whose gradients were finite (or absent)."""
+    place, clause = ("loss", f"the loss is {fmt(report.loss)}") if origin is None else where(origin)
+    message = f"step {report.step}: non-finite loss {fmt(report.loss)}: {clause}"
+    data = {"loss": report.loss, "source": place}
+    return Event(report.step, "loss_nonfinite", message, (place,) if place else (), data)
 
 
 def _nonfinite_event(
@@ -92,8 +120,14 @@ def _nonfinite_event(
         "global_norm": report.global_norm,
     }
     if origin is not None:
-        message = f"step {report.step}: {describe_origin(origin, step=False)}; {done}"
+        place, clause = where(origin)
+        more = f" of {len(report.nonfinite)} parameters" if len(report.nonfinite) > 1 else ""
+        source = _source(origin, place)
+        message = (
+            f"step {report.step}: {kind} in the gradients{more}, from {source}: {clause}; {done}"
+        )
         data.update(
+            source=place,
             module=origin.module,
             module_type=origin.module_type,
             shape=str(origin.shape),
@@ -109,7 +143,11 @@ def _nonfinite_event(
             f"step {report.step}: {kind} in gradient of {first}{f' ({owner})' if owner else ''}"
             f"{more}, first in backward order{loss}; {done}"
         )
-    return Event(report.step, "nonfinite", message, report.nonfinite, data)
+    params = report.nonfinite
+    if origin is not None:
+        place = where(origin)[0]
+        params = (place, *(p for p in report.nonfinite if p != place)) if place else params
+    return Event(report.step, "nonfinite", message, params, data)
 
 
 def _spike_event(report: StepReport, taken: str, growth: float | None) -> Event:

@@ -33,7 +33,11 @@ from gradwatch.collect.ring import COEF, GLOBAL, LOSS, NORMS, SCALE, StatsRing
 from gradwatch.detect.health import HealthDetector
 from gradwatch.detect.nonfinite import nonfinite_in_backward_order
 from gradwatch.detect.spikes import ParamBaseline, SpikeDetector
-from gradwatch.records import ParamNorms, RunStart, StepReport
+from gradwatch.diagnosis import probable_cause
+from gradwatch.diagnosis.context import Run
+from gradwatch.diagnosis.incident import start_depth
+from gradwatch.diagnosis.rules_layers import dead_findings
+from gradwatch.records import Event, ParamNorms, RunStart, StepReport
 from gradwatch.report.base import NEVER, SinkGroup, StepAggregator
 
 __all__ = ["DRAIN_BATCH", "Emission", "Pending"]
@@ -47,6 +51,14 @@ once. The rest of the emission (per-parameter baselines, health, the report's fi
 runs for up to this many rows together, earlier when a sink's :meth:`~gradwatch.Sink.next_due`
 asks: a :class:`~gradwatch.JsonlSink` takes every step at once so a killed process loses no
 completed step, a console takes its window when its summary line is due."""
+
+
+LIVE_GAP = 20
+"""Steps without an alert after which the next alert opens a new incident (and states a cause)."""
+DEAD_CHECK_EVERY = 256
+"""Steps between two looks for parameters that stopped getting a gradient."""
+LIVE_CAUSES = 16
+"""Incidents per run whose first alert states its probable cause (each runs the diagnosis)."""
 
 
 @dataclass
@@ -88,6 +100,8 @@ class Emission:
         history: Number of recent reports kept in :attr:`history`.
         on_nonfinite: The watcher's NaN/Inf policy, named in the alert events.
         norm_type: Order of the global norm, recorded in each report.
+        clip: The clipper's settings (``config()``), or None, for the diagnosis behind the
+            probable cause an incident's first alert states.
     """
 
     def __init__(
@@ -104,6 +118,7 @@ class Emission:
         history: int,
         on_nonfinite: str,
         norm_type: float,
+        clip: Mapping[str, Any] | None = None,
     ) -> None:
         self.names = names
         self.owner_types = owner_types
@@ -116,6 +131,11 @@ class Emission:
         self.history: deque[StepReport] = deque(maxlen=history)
         self.on_nonfinite = on_nonfinite
         self.norm_type = norm_type
+        self.clip = clip
+        self._last_alert = -LIVE_GAP - 1  # step of the last alert (incidents start after calm)
+        self._live_causes = 0
+        self._depth_checked = False  # the first step's depth profile was looked at
+        self._dead_told: set[str] = set()  # layers and parameters already reported dead/unused
         self._pending: dict[int, Pending] = {}
         self._newest = -1  # step of the last row added
         self._due = NEVER  # the earliest step a sink wants at once (set by start)
@@ -262,7 +282,22 @@ class Emission:
         origin = self.health_detector.update(
             report, norms, positions, pending.arrivals, pending.probe
         )
+        if not self._depth_checked and self.health_detector.first_step is not None:
+            self._depth_checked = True  # a non-finite first step has its own alert instead
+            event = self._first_step_event(report.step) if math.isfinite(global_norm) else None
+            if event is not None:
+                self._last_alert = report.step
+                self.sinks.write(event)
+        first = self.health_detector.first_step
+        if first is not None and _dead_check_due(report.step - first, self.health_detector):
+            for event in self._dead_events(report.step):
+                self.sinks.write(event)
         if needs_events(report):
+            cause = None
+            if report.step - self._last_alert > LIVE_GAP and self._live_causes < LIVE_CAUSES:
+                self._live_causes += 1
+                cause = probable_cause(self.health_detector.report(), clip=self.clip)
+            self._last_alert = report.step
             events = step_events(
                 report,
                 action=pending.action,
@@ -270,9 +305,46 @@ class Emission:
                 owner_types=self.owner_types,
                 origin=origin,
                 growth=growth,
+                cause=cause,
             )
             for event in events:
                 self.sinks.write(event)
+
+    def _dead_events(self, step: int) -> list[Event]:
+        """Unused parameters and dead units, each reported once as soon as the streak shows it."""
+        events = []
+        for finding in dead_findings(Run(self.health_detector.report(), self.clip)):
+            new = [p for p in finding.params if p not in self._dead_told]
+            if not new:
+                continue
+            self._dead_told.update(finding.params)
+            kind = "unused" if finding.cause == "unused" else "dead"
+            message = f"step {step}: {finding.evidence}"
+            events.append(Event(step, kind, message, finding.params, finding.data, finding.cause))
+        return events
+
+    def _first_step_event(self, step: int) -> Event | None:
+        """An alert when the first step's gradient already explodes through depth (once)."""
+        health = self.health_detector.report()
+        depth = start_depth(health)
+        if not depth.exploding:
+            return None
+        self._live_causes += 1
+        cause = probable_cause(health, clip=self.clip)
+        said = (cause or "unknown").replace("_", " ")
+        message = (
+            f"step {step}: the gradient explodes from the first step: "
+            f"{depth.clause(health.first_step)}; probable cause: {said}"
+        )
+        data = {"gradient_to_weight": depth.ratio}
+        return Event(step, "exploding", message, depth.params, data, cause)
+
+
+def _dead_check_due(steps: int, health: HealthDetector) -> bool:
+    """When to look for dead or unused parameters: once their streak can first show, then every
+    :data:`DEAD_CHECK_EVERY` steps (each look absorbs the health detector's queue)."""
+    after = health.dead_after
+    return steps == after or (steps > after and (steps - after) % DEAD_CHECK_EVERY == 0)
 
 
 def _flagged(flags: torch.Tensor | None) -> tuple[int, ...]:

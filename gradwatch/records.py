@@ -16,6 +16,8 @@ from typing import Any, Literal
 import numpy as np
 
 __all__ = [
+    "CAUSES",
+    "Cause",
     "Event",
     "EventKind",
     "Finding",
@@ -26,11 +28,69 @@ __all__ = [
     "Record",
     "RunStart",
     "RunSummary",
+    "Severity",
     "StepReport",
 ]
 
-EventKind = Literal["nonfinite", "spike", "loss_spike", "skip"]
-FindingKind = Literal["exploding", "vanishing", "dead", "nonfinite", "spike", "loss_spike"]
+EventKind = Literal[
+    "nonfinite", "loss_nonfinite", "exploding", "spike", "loss_spike", "skip", "dead", "unused"
+]
+FindingKind = Literal[
+    "exploding",
+    "vanishing",
+    "dead",
+    "unused",
+    "nonfinite",
+    "spike",
+    "loss_spike",
+    "divergence",
+    "loss_nonfinite",
+    "bias_before_norm",
+]
+Cause = Literal[
+    "learning_rate",
+    "data",
+    "initialization",
+    "saturation",
+    "recurrence",
+    "forward_numerics",
+    "precision",
+    "dead_units",
+    "unused",
+    "redundant_bias",
+    "unknown",
+]
+Severity = Literal["error", "warning", "info"]
+
+CAUSES: tuple[str, ...] = (
+    "learning_rate",
+    "data",
+    "initialization",
+    "saturation",
+    "recurrence",
+    "forward_numerics",
+    "precision",
+    "dead_units",
+    "unused",
+    "redundant_bias",
+    "unknown",
+)
+"""Every cause a :class:`Finding` (or an alert's :attr:`Event.cause`) can name.
+
+* ``"learning_rate"``: the optimisation diverges: norms or loss grow over steps, no single bad
+  batch.
+* ``"data"``: one or a few bad batches: an outlier or corrupt record, NaN/Inf in the input.
+* ``"initialization"``: weights too large or too small for the depth, visible from the first step.
+* ``"saturation"``: saturating activations in depth make the gradient vanish.
+* ``"recurrence"``: the gradient explodes or vanishes through time in a recurrent layer.
+* ``"forward_numerics"``: log of 0, division by 0, sqrt of a negative, exp overflow, in a module
+  or in the loss.
+* ``"precision"``: values beyond the float16/bfloat16 range, loss-scale trouble.
+* ``"dead_units"``: units that never activate, so nothing before them learns.
+* ``"unused"``: parameters that never get a gradient.
+* ``"redundant_bias"``: a bias right before a normalisation layer, which cancels it (benign).
+* ``"unknown"``: the evidence does not single out a cause (said so rather than guessed).
+"""
 
 
 class ParamNorms(Mapping[str, float]):
@@ -192,10 +252,15 @@ class Event:
 
     Attributes:
         step: The optimizer step it happened at.
-        kind: ``"nonfinite"``, ``"spike"``, ``"loss_spike"`` or ``"skip"``.
+        kind: ``"nonfinite"`` (a NaN/Inf gradient), ``"loss_nonfinite"`` (a NaN/Inf loss with
+            finite gradients), ``"exploding"`` (the first step's gradient explodes through
+            depth), ``"spike"``, ``"loss_spike"``, ``"skip"``, ``"dead"`` (units that never
+            activate) or ``"unused"`` (parameters without a gradient).
         message: One line, ready to show a person.
         params: Parameters concerned (culprits first).
         data: Numbers behind the message (e.g. ``global_norm``, ``threshold``), plain floats/str.
+        cause: The probable cause (one of :data:`CAUSES`) when the event opens an incident and
+            the evidence so far points at one, else None.
     """
 
     step: int
@@ -203,6 +268,7 @@ class Event:
     message: str
     params: tuple[str, ...] = ()
     data: Mapping[str, float | str | None] = field(default_factory=dict)
+    cause: str | None = None
 
 
 @dataclass(frozen=True)
@@ -253,15 +319,24 @@ class LayerSummary:
 
 @dataclass(frozen=True)
 class Finding:
-    """A diagnosis: what is wrong, the evidence, and what to change.
+    """A diagnosis: what is wrong, why, where it started, and what to change.
 
     Attributes:
-        kind: ``"exploding"``, ``"vanishing"``, ``"dead"``, ``"nonfinite"``, ``"spike"`` or
-            ``"loss_spike"``.
-        params: Parameter or module names concerned.
+        kind: The symptom: ``"exploding"``, ``"vanishing"``, ``"divergence"``, ``"nonfinite"``,
+            ``"loss_nonfinite"``, ``"spike"``, ``"loss_spike"``, ``"dead"``, ``"unused"`` or
+            ``"bias_before_norm"``.
+        params: Where it started, most causal first: parameter or module names (parameter-free
+            modules included), ``"loss"`` when every module's output was finite but the loss
+            was not, ``"input"`` when the model's input already held NaN/Inf.
         evidence: What was observed, with numbers.
         remedies: Concrete changes to try, most effective first.
-        suggested: Suggested settings computed from the run, e.g. ``{"max_norm": 1.7}``.
+        suggested: Settings computed from the run, e.g. ``{"max_norm": 1.7, "lr": 3e-4}``.
+        cause: The root cause, one of :data:`CAUSES`.
+        severity: ``"error"`` (training is broken), ``"warning"`` (it will likely break or is
+            wasting work) or ``"info"`` (benign, worth knowing).
+        first_step: The step where it was first seen, or None.
+        data: The numbers behind the finding (growth per step or per layer, ratios,
+            thresholds), plain floats and strings, so callers assert on numbers, not on prose.
     """
 
     kind: FindingKind
@@ -269,6 +344,10 @@ class Finding:
     evidence: str
     remedies: tuple[str, ...] = ()
     suggested: Mapping[str, float] = field(default_factory=dict)
+    cause: Cause = "unknown"
+    severity: Severity = "warning"
+    first_step: int | None = None
+    data: Mapping[str, float | str | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ from gradwatch.config import (
 )
 from gradwatch.detect.health import HealthDetector
 from gradwatch.detect.spikes import ParamBaseline, SpikeDetector
-from gradwatch.diagnose import diagnose_health
+from gradwatch.diagnosis import diagnose
 from gradwatch.emission import Emission, Pending
 from gradwatch.errors import (
     ConfigError,
@@ -220,6 +220,7 @@ class GradWatch:
             history=history,
             on_nonfinite=self.on_nonfinite,
             norm_type=self.norm_type,
+            clip=self.clipper.config() if self.clipper is not None else None,
         )
         self._bind(watched)
         self._changes = ParamChanges(self._module, watched)
@@ -386,12 +387,14 @@ class GradWatch:
         return self._emission.aggregator.summary()
 
     def diagnose(self) -> list[Finding]:
-        """What went wrong so far, with evidence and remedies (drains pending steps first).
+        """What went wrong so far: cause, place, evidence and remedies (drains pending steps).
 
-        Findings come most causal first: ``"exploding"`` / ``"vanishing"`` gradients through
-        depth, where NaN/Inf started (``"nonfinite"``), gradient-norm and loss spikes, and
-        ``"dead"`` parameters. Suggested settings (``finding.suggested["max_norm"]``) are computed
-        from this run's own norms. The same findings end the final summary of :meth:`close`.
+        Each finding names its ``cause`` (one of :data:`gradwatch.CAUSES`), its ``severity``,
+        where it started (``params``: a parameter, a module, ``"loss"`` or ``"input"``), the
+        numbers behind it (``data``) and settings computed from this run (``suggested``:
+        ``max_norm``, ``lr``). They come most causal first: the first ``"error"`` or
+        ``"warning"`` finding is the diagnosis; ``"info"`` findings are benign. The same
+        findings end the final summary of :meth:`close`.
 
         Returns:
             The findings; an empty list when nothing looks wrong.
@@ -400,7 +403,7 @@ class GradWatch:
             return list(self._final.findings)
         self.flush()
         clip = self.clipper.config() if self.clipper is not None else None
-        return diagnose_health(self.health_detector.report(), clip=clip)
+        return diagnose(self.health_detector.report(), clip=clip)
 
     def close(self) -> RunSummary:
         """Remove every hook, restore the optimizer, emit the final summary, close the sinks.

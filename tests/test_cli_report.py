@@ -70,7 +70,7 @@ def test_terminal_report(run_log, capsys):
     assert "NaN/Inf started in: step 25: 2.weight" in out
     timeline = out[out.index("events") :]
     assert re.search(r"\b15 +│ spike +│ +1 │ step 15: gradient norm spike", timeline)
-    assert re.search(r"\b25 +│ NaN/Inf +│ +1 │ step 25: NaN in gradient of `2.weight`", timeline)
+    assert re.search(r"\b25 +│ NaN/Inf +│ +1 │ step 25: NaN in the gradients", timeline)
     assert f"plot it: gradwatch report {run_log} --plot run.png" in out
 
 
@@ -141,7 +141,7 @@ def test_long_names_wrap_whole_in_an_80_column_report(tmp_path):
     after = lines[next(i for i, line in enumerate(lines) if line.startswith("events")) :]
     timeline = [line for line in after if "│" in line]  # the event table's rows
     messages = "".join(line.split("│")[-1].strip() for line in timeline)
-    assert f"NaN in gradient of`{LONG_NAME}.weight`" in messages  # folded, never cut
+    assert f"`{LONG_NAME}.weight`" in messages  # folded, never cut
     assert all(len(line) <= 80 for line in table + timeline)
 
 

@@ -601,7 +601,8 @@ def test_tensorboard_background_writer_loses_nothing(tmp_path: Path) -> None:
     nonfinite = [step for step, text in alerts.items() if "**nonfinite**" in text]
     assert nonfinite == [49, 99, 149, 199, 249, 299]
     for step in nonfinite:
-        assert f"**nonfinite**: step {step}: NaN in gradient of `0.weight`" in alerts[step]
+        assert f"**nonfinite**: step {step}: NaN in the gradients" in alerts[step]
+        assert "`0.weight`" in alerts[step]
     (summary,) = events.Tensors("gradwatch/summary/text_summary")
     assert b"300 steps" in summary.tensor_proto.string_val[0]
 

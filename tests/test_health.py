@@ -279,12 +279,8 @@ def test_resume_mid_batch_is_bit_identical_to_an_uninterrupted_run() -> None:
     _faulty_steps(model, opt, watch, 20, 70)
     report = watch.health_detector.report()
     for field in dataclasses.fields(report):
-        a, b = getattr(expected, field.name), getattr(report, field.name)
-        if isinstance(a, np.ndarray):
-            np.testing.assert_array_equal(a, b, err_msg=field.name)  # exact, not allclose
-        else:
-            assert a == b, field.name
-    assert watch.diagnose() == expected_findings
+        _assert_same(getattr(expected, field.name), getattr(report, field.name), field.name)
+    assert [f.evidence for f in watch.diagnose()] == [f.evidence for f in expected_findings]
     watch.close()
 
 
@@ -358,3 +354,19 @@ def test_rise_is_the_steady_trend_of_the_healthy_norm(growth, noise, expected) -
     assert spike.step == 39
     assert spike.rise == pytest.approx(expected, rel=1e-5)
     watch.close()
+
+
+def _assert_same(a, b, name: str) -> None:
+    """Exactly equal (not allclose), through arrays, tuples of arrays and dicts of them."""
+    if isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), name
+        for key in a:
+            _assert_same(a[key], b[key], f"{name}[{key}]")
+    elif isinstance(a, tuple) and a and isinstance(a[0], np.ndarray):
+        assert len(a) == len(b), name
+        for x, y in zip(a, b):
+            _assert_same(x, y, name)
+    else:
+        assert a == b, name

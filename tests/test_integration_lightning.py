@@ -237,7 +237,7 @@ def test_nan_step_found_named_skipped_and_logged(tmp_path, capsys) -> None:
         (0, 0),
     ]
     out = capsys.readouterr().out
-    alert = next(line for line in out.splitlines() if "step 2: NaN in gradient of" in line)
+    alert = next(line for line in out.splitlines() if "step 2: NaN in the gradients" in line)
     assert "net.2.weight" in alert
 
 

@@ -187,7 +187,7 @@ def test_nan_origin_is_named_although_clipping_spreads_it(tmp_path, capsys) -> N
     # The Trainer's loss log shows nothing (logging_nan_inf_filter hides NaN losses).
     assert all(math.isfinite(log["loss"]) for log in logs)
     out = capsys.readouterr().out
-    alert = next(line for line in out.splitlines() if "step 2: NaN in gradient of" in line)
+    alert = next(line for line in out.splitlines() if "step 2: NaN in the gradients" in line)
     assert POISONED in alert
 
 

@@ -60,7 +60,8 @@ def test_alerts_periodic_lines_and_final_table():
     norms = [r.global_norm for r in history[:3]]
     assert f"max {max(norms):.4g})" in lines[0] and "nan steps 0" in lines[0]
     alert = next(line for line in lines if "⚠" in line)
-    assert alert.startswith("gradwatch ⚠ step 4: NaN in gradient of `2.weight`")
+    assert alert.startswith("gradwatch ⚠ step 4: NaN in the gradients")
+    assert "first reached `2.weight`" in alert
     assert any(line.startswith("gradwatch steps 3-5 |") and "nan steps 1" in line for line in lines)
     assert "gradwatch summary: 6 steps" in out
     table_rows = [line for line in lines if line.startswith("│")]
@@ -79,7 +80,7 @@ def test_terminal_output_is_coloured_and_ascii_output_is_plain():
     _train(gw.ConsoleSink(every=0, console=Console(file=stream, width=100)), nan_at=2, steps=3)
     stream.flush()
     text = raw.getvalue().decode("ascii")  # would raise on any non-ASCII byte
-    assert "gradwatch ! step 2: NaN in gradient of `2.weight`" in text
+    assert "gradwatch ! step 2: NaN in the gradients" in text
     assert "gradwatch summary: 3 steps" in text and "| 2 " in text
 
 
@@ -152,7 +153,7 @@ def test_long_layer_names_wrap_whole_in_an_80_column_log():
     _train(gw.ConsoleSink(every=0, console=console), steps=3, nan_at=1, model=LongNames())
     out = buffer.getvalue()
     assert "…" not in out
-    assert f"gradwatch ⚠ step 1: NaN in gradient of `{LONG_NAME}.weight`" in out  # one line
+    assert f"first reached `{LONG_NAME}.weight`" in out  # the name whole, never cut
     rows = [line for line in out.splitlines() if line.startswith("│")]
     assert len(rows) > 2 and all(len(row) <= 80 for row in rows)  # the name folds over rows
     assert "".join(row.split("│")[1].strip() for row in rows) == "stem" + LONG_NAME

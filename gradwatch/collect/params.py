@@ -25,14 +25,22 @@ class WatchedParams:
         names: Parameter names, in ``named_parameters()`` order.
         params: The parameters, same order.
         owner_types: Class name of the module that owns each parameter (e.g. ``"Linear"``).
+        modules: ``(name, class name)`` of every module of the model in ``named_modules()``
+            order, parameter-free ones included (empty when given bare parameters): what the
+            diagnosis knows of the architecture (activations, normalisation, recurrence).
     """
 
     def __init__(
-        self, names: list[str], params: list[torch.Tensor], owner_types: list[str]
+        self,
+        names: list[str],
+        params: list[torch.Tensor],
+        owner_types: list[str],
+        modules: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.names = tuple(names)
         self.params = params
         self.owner_types = tuple(owner_types)
+        self.modules = modules
         self.position = {id(p): i for i, p in enumerate(params)}
 
     def __len__(self) -> int:
@@ -51,7 +59,9 @@ def resolve_params(model: object) -> WatchedParams:
         ValueError: It has no parameter that requires a gradient, or one lives on the meta device.
     """
     owner_types: dict[int, str] = {}
+    modules: tuple[tuple[str, str], ...] = ()
     if isinstance(model, nn.Module):
+        modules = tuple((name, type(m).__name__) for name, m in model.named_modules())
         for module in model.modules():
             for p in module.parameters(recurse=False):
                 owner_types.setdefault(id(p), type(module).__name__)
@@ -88,7 +98,7 @@ def resolve_params(model: object) -> WatchedParams:
         raise ConfigError(
             f"{what} has no parameter with requires_grad=True, so there is no gradient to watch"
         )
-    return WatchedParams(names, params, [owner_types.get(id(p), "") for p in params])
+    return WatchedParams(names, params, [owner_types.get(id(p), "") for p in params], modules)
 
 
 class ParamChanges:

@@ -60,6 +60,8 @@ class HealthDetector:
         self.modules = tuple(layer_of(n) for n in self.names)
         self.types = watched.owner_types
         self.shapes = tuple(tuple(p.shape) for p in watched.params)
+        self.dtypes = tuple(str(p.dtype).replace("torch.", "") for p in watched.params)
+        self.model_modules = watched.modules
         self._probe = probe
         acts = probe.activations
         self.signal_modules = acts.names if acts is not None else ()
@@ -68,10 +70,20 @@ class HealthDetector:
         self.incidents = IncidentLog(self.names, self.modules, self.types, self.shapes, probe)
         self._bound = True
 
+        self._forget_first()
+
+    def _forget_first(self) -> None:
+        n = len(self.names)
+        self.first_step: int | None = None
+        self.first_norms = np.full(n, np.nan)
+        self.first_weights = np.full(n, np.nan)
+        self.first_signal = np.full(len(self.signal_modules), np.nan)
+
     def reset(self) -> None:
         """Forget everything seen so far."""
         self.stats.reset()
         self.incidents.reset()
+        self._forget_first()
 
     def update(
         self,
@@ -92,11 +104,35 @@ class HealthDetector:
         """
         global_norm = report.global_norm
         finite = not report.nonfinite and math.isfinite(global_norm)
+        if self.first_step is None and positions != []:
+            self._remember_first(report.step, norms, positions, probe)
         # The origin first: it reads the step's activations before a batch releases them.
         origin = self.incidents.update(report, probe, has_grads=positions != [])
         row = Row(report.step, norms, positions, global_norm, finite, report.spike, probe, arrivals)
         self.stats.add(row)
         return origin
+
+    def _remember_first(
+        self, step: int, norms: np.ndarray, positions: list[int] | None, probe: Any
+    ) -> None:
+        """The first step with gradients, kept whole: the depth profile before any update."""
+        self.first_step = step
+        first = np.asarray(norms, dtype=np.float64).copy()
+        if positions is not None:
+            present = np.zeros(len(first), bool)
+            present[positions] = True
+            first[~present] = np.nan
+        self.first_norms = first
+        if probe is None:
+            return
+        weights = self._probe.weights(probe.weights)
+        if weights is not None:
+            self.first_weights = np.asarray(weights, dtype=np.float64).copy()
+        acts = self._probe.activations
+        if acts is not None and probe.activations >= 0:
+            row = acts.read(probe.activations)
+            if row is not None:
+                self.first_signal = np.asarray(row.backward, dtype=np.float64).copy()
 
     # ---------------------------------------------------------------------------- reading
 
@@ -145,6 +181,23 @@ class HealthDetector:
             calm_counts=calm_counts,
             clipped_steps=incidents.clipped_steps,
             spikes_clipped=incidents.spikes_clipped,
+            dtypes=self.dtypes,
+            model_modules=self.model_modules,
+            first_step=self.first_step,
+            first_norms=self.first_norms.copy(),
+            first_weights=self.first_weights.copy(),
+            first_signal=self.first_signal.copy(),
+            early=incidents.trajectory.early_series(),
+            run_ups={
+                kind: series
+                for kind in ("spike", "nonfinite", "loss_nonfinite")
+                if (series := incidents.trajectory.run_up(kind)) is not None
+            },
+            overview=incidents.trajectory.overview(),
+            loss_nonfinite=tuple(incidents.loss_origins),
+            loss_nonfinite_count=incidents.loss_nonfinite_count,
+            scaler_skips=incidents.scaler_skips,
+            min_scale=incidents.min_scale,
         )
 
     # ---------------------------------------------------------------------------- state
@@ -154,7 +207,14 @@ class HealthDetector:
 
         One flat dict of plain values: the statistics' and the incidents' keys side by side.
         """
-        state = {"names": list(self.names), "dead_after": self.dead_after}
+        state = {
+            "names": list(self.names),
+            "dead_after": self.dead_after,
+            "first_step": self.first_step,
+            "first_norms": self.first_norms.tolist(),
+            "first_weights": self.first_weights.tolist(),
+            "first_signal": self.first_signal.tolist(),
+        }
         state.update(self.stats.state_dict())
         state.update(self.incidents.state_dict())
         return state
@@ -171,5 +231,11 @@ class HealthDetector:
                 f"({', '.join(state['names'][:3])}...), this watcher has {len(self.names)}"
             )
         self.dead_after = int(state["dead_after"])
+        self._forget_first()
+        if state.get("first_step") is not None:
+            self.first_step = int(state["first_step"])
+            self.first_norms = np.asarray(state["first_norms"], dtype=np.float64)
+            self.first_weights = np.asarray(state["first_weights"], dtype=np.float64)
+            self.first_signal = np.asarray(state["first_signal"], dtype=np.float64)
         self.stats.load_state_dict(state)
         self.incidents.load_state_dict(state)

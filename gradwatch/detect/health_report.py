@@ -7,11 +7,14 @@ plus their conversion to and from the plain values of a ``state_dict``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
+
+from gradwatch.detect.trajectory import Series
 
 __all__ = [
     "INPUT",
@@ -149,6 +152,22 @@ class HealthReport:
         clipped_steps: Steps whose gradients were scaled down (by the clipper or
             ``on_spike="clip"``).
         spikes_clipped: Of the gradient-norm spikes, those that were scaled down.
+        dtypes: Dtype of each parameter (``"float16"``).
+        model_modules: ``(name, class name)`` of every module of the model, in
+            ``named_modules()`` order (empty when the watcher was given bare parameters).
+        first_step: The first step that had gradients (None before any).
+        first_norms: Every parameter's gradient norm at that step (NaN where missing).
+        first_weights: Every parameter's norm at that step (NaN when not sampled).
+        first_signal: Forensics: each hooked module's max-abs output gradient at that step.
+        early: The first steps of the run (see :class:`~gradwatch.detect.trajectory.Trajectory`).
+        run_ups: The steps up to the first ``"spike"``, ``"nonfinite"`` gradient and
+            ``"loss_nonfinite"``, by kind.
+        overview: The whole run in blocks of consecutive steps.
+        loss_nonfinite: Origins of the first steps whose loss was non-finite while every
+            gradient was finite (or absent).
+        loss_nonfinite_count: All such steps.
+        scaler_skips: Steps a ``GradScaler`` skipped.
+        min_scale: Smallest loss scale seen (inf without a scaler).
     """
 
     names: tuple[str, ...]
@@ -188,6 +207,19 @@ class HealthReport:
     calm_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     clipped_steps: int = 0
     spikes_clipped: int = 0
+    dtypes: tuple[str, ...] = ()
+    model_modules: tuple[tuple[str, str], ...] = ()
+    first_step: int | None = None
+    first_norms: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    first_weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    first_signal: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    early: Series = field(default_factory=lambda: Series.of(()))
+    run_ups: dict[str, Series] = field(default_factory=dict)
+    overview: Series = field(default_factory=lambda: Series.of(()))
+    loss_nonfinite: tuple[NonFiniteOrigin, ...] = ()
+    loss_nonfinite_count: int = 0
+    scaler_skips: int = 0
+    min_scale: float = math.inf
 
 
 def _pair(value: Any) -> tuple[int, float] | None:

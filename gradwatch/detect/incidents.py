@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gradwatch.detect.episodes import GAP
 from gradwatch.detect.health_report import (
     INPUT,
     NonFiniteOrigin,
@@ -26,13 +25,16 @@ from gradwatch.detect.health_report import (
     origin_to_state,
     spike_from_state,
 )
+from gradwatch.detect.trajectory import Trajectory
 from gradwatch.records import StepReport
 
 if TYPE_CHECKING:
     from gradwatch.collect.forensics import StepProbe
 
-__all__ = ["KEEP", "WINDOW", "IncidentLog"]
+__all__ = ["GAP", "KEEP", "WINDOW", "IncidentLog"]
 
+GAP = 2
+"""Spikes at most this many steps apart belong to one episode."""
 RECENT = 64
 """Recent healthy values kept to express a spike as a ratio to the run's level."""
 KEEP = 200
@@ -67,6 +69,7 @@ class IncidentLog:
     ) -> None:
         self.names, self.modules, self.types, self.shapes = names, modules, types, shapes
         self._probe = probe
+        self.trajectory = Trajectory()
         acts = probe.activations
         self.signal_modules = acts.names if acts is not None else ()
         self.signal_types = acts.types if acts is not None else ()
@@ -79,6 +82,11 @@ class IncidentLog:
         self.spike_count = self.loss_spike_count = 0
         self.origins: list[NonFiniteOrigin] = []
         self.nonfinite_count = 0
+        self.loss_origins: list[NonFiniteOrigin] = []
+        self.loss_nonfinite_count = 0
+        self.scaler_skips = 0
+        self.min_scale = math.inf
+        self.trajectory.reset()
         self.spike_params: Counter[str] = Counter()
         self.clipped_steps = self.spikes_clipped = 0
         self._recent_norms: deque[float] = deque(maxlen=RECENT)
@@ -98,8 +106,20 @@ class IncidentLog:
         """
         step, global_norm, loss = report.step, report.global_norm, report.loss
         finite = not report.nonfinite and math.isfinite(global_norm)
+        lrs = getattr(probe, "lrs", None)
+        self.trajectory.update(step, global_norm, loss, float(max(lrs)) if lrs else None)
+        if report.scale is not None:
+            self.min_scale = min(self.min_scale, report.scale)
+            self.scaler_skips += (report.skip_reason or "").startswith("GradScaler")
+        loss_bad = loss is not None and not math.isfinite(loss)
+        if report.spike:
+            self.trajectory.freeze("spike")
+        if report.nonfinite or not math.isfinite(global_norm):
+            self.trajectory.freeze("nonfinite")
+        if loss_bad:
+            self.trajectory.freeze("loss_nonfinite")
         rise = lr_change = None
-        if report.spike or report.loss_spike or report.nonfinite:  # only incidents need the trend
+        if report.spike or report.loss_spike or report.nonfinite or loss_bad:  # incidents only
             rise, lr_change = self._rise(), self._lr_change(step)
         if report.clipped:
             self.clipped_steps += 1
@@ -122,12 +142,49 @@ class IncidentLog:
                 self.loss_spikes.append(SpikeRecord(step, loss, ratio, (), rise, lr_change))
         elif loss is not None and math.isfinite(loss):
             self._recent_losses.append(loss)
-        lrs = getattr(probe, "lrs", None)
         if lrs:
             self._lrs.append((step, float(max(lrs))))
         if not report.nonfinite:
-            return None
+            return self._loss_origin(report, probe, rise, lr_change) if loss_bad else None
         return self._origin(report, probe, rise, lr_change)
+
+    def _loss_origin(
+        self, report: StepReport, probe: Any, rise: float | None, lr_change: float | None
+    ) -> NonFiniteOrigin:
+        """A non-finite loss whose gradients were finite (or absent): an incident of its own."""
+        self.loss_nonfinite_count += 1
+        loss = math.nan if report.loss is None else report.loss
+        first_act, first_sig, watched = self._first_modules(probe)
+        origin = NonFiniteOrigin(
+            step=report.step,
+            param=None,
+            value="NaN" if math.isnan(loss) else "Inf",
+            module="",
+            module_type="",
+            shape=(),
+            count=0,
+            loss=loss,
+            stage="forward",
+            first_activation=self._module_name(first_act),
+            first_activation_type=self._module_type(first_act),
+            first_signal=self._module_name(first_sig),
+            first_signal_type=self._module_type(first_sig),
+            after_spike=_recent(self._last_spike, report.step),
+            after_loss_spike=_recent(self._last_loss_spike, report.step),
+            forensics=watched,
+            rise=rise,
+            lr_change=lr_change,
+        )
+        if len(self.loss_origins) < KEEP:
+            self.loss_origins.append(origin)
+        return origin
+
+    def _first_modules(self, probe: Any) -> tuple[int | None, int | None, bool]:
+        acts = self._probe.activations
+        if acts is not None and probe is not None and probe.forward_calls:
+            first_act, first_sig = acts.first_nonfinite(probe)
+            return first_act, first_sig, True
+        return None, None, False
 
     def _rise(self) -> float | None:
         """Steady growth of the healthy norm over the last ``WINDOW`` healthy steps.
@@ -160,12 +217,7 @@ class IncidentLog:
         i = self.names.index(first)
         value = report.param_norms.get(first, math.nan)
         loss = report.loss
-        first_act = first_sig = None
-        watched = False
-        acts = self._probe.activations
-        if acts is not None and probe is not None and probe.forward_calls:
-            first_act, first_sig = acts.first_nonfinite(probe)
-            watched = True
+        first_act, first_sig, watched = self._first_modules(probe)
         if loss is not None and not math.isfinite(loss):
             stage = "forward"
         elif loss is not None:
@@ -228,6 +280,11 @@ class IncidentLog:
             "recent_lrs": [list(pair) for pair in self._lrs],
             "last_spike": self._last_spike,
             "last_loss_spike": self._last_loss_spike,
+            "loss_origins": [origin_to_state(o) for o in self.loss_origins],
+            "loss_nonfinite_count": self.loss_nonfinite_count,
+            "scaler_skips": self.scaler_skips,
+            "min_scale": self.min_scale,
+            **self.trajectory.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -247,6 +304,11 @@ class IncidentLog:
         self._lrs.extend((int(s), float(lr)) for s, lr in state.get("recent_lrs", ()))
         self._last_spike = _triple(state["last_spike"])
         self._last_loss_spike = _triple(state["last_loss_spike"])
+        self.loss_origins = [origin_from_state(o) for o in state.get("loss_origins", ())]
+        self.loss_nonfinite_count = int(state.get("loss_nonfinite_count", 0))
+        self.scaler_skips = int(state.get("scaler_skips", 0))
+        self.min_scale = float(state.get("min_scale", math.inf))
+        self.trajectory.load_state_dict(state)
 
 
 def _median(values: Sequence[float]) -> float:
@@ -261,7 +323,7 @@ def _episode(
     current: tuple[int, float, int] | None, step: int, ratio: float
 ) -> tuple[int, float, int]:
     """A spike continues the current episode if it comes within ``GAP`` steps of its last (the
-    grouping of :mod:`gradwatch.detect.episodes`), else it starts a new one."""
+    grouping of :mod:`gradwatch.diagnosis.episodes`), else it starts a new one."""
     if current is not None and step - current[2] <= GAP:
         return current[0], current[1], step
     return step, ratio, step

@@ -130,6 +130,7 @@ def decode_event(record: Mapping[str, Any]) -> Event:
         message=str(record.get("message", "")),
         params=tuple(record.get("params") or ()),
         data=data,
+        cause=record.get("cause"),
     )
 
 
@@ -150,6 +151,10 @@ def decode_summary(record: Mapping[str, Any]) -> RunSummary:
             evidence=str(f.get("evidence", "")),
             remedies=tuple(f.get("remedies", ())),
             suggested={k: decode_float(v) for k, v in (f.get("suggested") or {}).items()},
+            cause=f.get("cause", "unknown"),
+            severity=f.get("severity", "warning"),
+            first_step=f.get("first_step"),
+            data=dict(f.get("data") or {}),
         )
         for f in record.get("findings", ())
     )
@@ -235,6 +240,8 @@ class JsonlSink(Sink):
                 "params": list(record.params),
                 "data": encode_value(record.data),
             }
+            if record.cause is not None:
+                data["cause"] = record.cause
             self._write_line(_dumps(data))
         elif isinstance(record, RunStart):
             self._header(record)

@@ -17,9 +17,8 @@ import numpy as np
 
 from gradwatch.detect.health_report import HealthReport, SpikeRecord
 from gradwatch.detect.layer_stats import BIN
-from gradwatch.records import Finding
 
-__all__ = ["Clipping", "Threshold", "suggest_threshold", "without_clip_advice"]
+__all__ = ["Clipping", "Threshold", "suggest_threshold"]
 
 
 class Clipping(NamedTuple):
@@ -103,13 +102,3 @@ def _weighted_median(values: np.ndarray, counts: np.ndarray) -> float:
     order = np.argsort(values, kind="stable")
     cumulative = np.cumsum(counts[order])
     return float(values[order][np.searchsorted(cumulative, 0.5 * cumulative[-1])])
-
-
-def without_clip_advice(finding: Finding, clipping: Clipping, health: HealthReport) -> Finding:
-    """An exploding finding for a clipped run: no advice to clip, what the clipper did instead."""
-    remedies = tuple(r for r in finding.remedies if not r.startswith("clip by norm"))
-    evidence = (
-        f"{finding.evidence}; {clipping.summary(health)} (clipping bounds each step, not the "
-        "growth through depth)"
-    )
-    return Finding(finding.kind, finding.params, evidence, remedies, {})

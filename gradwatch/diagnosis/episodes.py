@@ -21,11 +21,10 @@ from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 from gradwatch.detect.health_report import SpikeRecord
+from gradwatch.detect.incidents import GAP
 
 __all__ = ["GAP", "GROW", "LR_RISE", "RISE", "Episode", "episodes"]
 
-GAP = 2
-"""Spikes at most this many steps apart belong to one episode."""
 RISE = 2.0
 """A healthy gradient norm this many times higher than 20 healthy steps before was growing."""
 GROW = 2.0

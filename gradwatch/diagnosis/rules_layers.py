@@ -1,0 +1,283 @@
+"""Rules about layers: explosion from the first step, vanishing, dead units, unused parameters,
+biases that a normalisation cancels.
+
+Each is ``rule(run) -> list[Finding]`` over the depth profile (see
+:mod:`gradwatch.diagnosis.depth`). Victims are told apart from causes: when a layer's units never
+activate, every layer before it gets a zero gradient too; the finding names the dead layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from gradwatch.diagnosis.context import Run
+from gradwatch.diagnosis.depth import (
+    biases_before_norm,
+    chains,
+    geometric,
+    param_keys,
+    recurrent_types,
+    saturating,
+    signal_chains,
+)
+from gradwatch.diagnosis.remedies import REMEDIES
+from gradwatch.diagnosis.wording import names_list, num, times
+from gradwatch.records import Finding
+
+__all__ = ["bias_before_norm_finding", "dead_findings", "explosion_finding", "vanishing_finding"]
+
+_FLOAT32_RESOLUTION = 2.0**-24
+"""A relative change smaller than this does not change a float32 weight."""
+
+
+def explosion_finding(run: Run) -> list[Finding]:
+    """The gradient explodes through depth (or through time) from the very first step."""
+    depth = run.depth
+    if not depth.exploding:
+        return []
+    h = run.health
+    plain, gated = recurrent_types(list(h.types))
+    cause = "recurrence" if plain or gated else "initialization"
+    if run.incident is not None and run.incident.cause == cause and run.origin is not None:
+        return []  # the NaN finding tells this story, with this evidence
+    places = depth.params
+    if cause == "recurrence" and run.incident is not None and run.incident.places:
+        places = run.incident.places
+    remedies = list(REMEDIES[cause])
+    suggested: dict[str, float] = {}
+    bound = run.update_bound()
+    if bound is not None and not run.clipping.on:
+        remedies.append(
+            f"meanwhile clip by norm: gradwatch.ClipNorm({bound:.3g}) keeps each step below 1% of "
+            "the weights' norm"
+        )
+        suggested["max_norm"] = bound
+    data: dict[str, float | str | None] = {"gradient_to_weight": depth.ratio}
+    if depth.chain is not None:
+        data.update(growth_per_layer=depth.chain.factor, growth=10**depth.chain.span)
+        data["layers"] = len(depth.chain.members)
+    severe = (depth.ratio is not None and depth.ratio >= 1e3) or run.origin is not None
+    return [
+        Finding(
+            "exploding",
+            tuple(places),
+            depth.clause(h.first_step),
+            tuple(remedies),
+            suggested,
+            cause=cause,  # type: ignore[arg-type]
+            severity="error" if severe else "warning",
+            first_step=h.first_step,
+            data=data,
+        )
+    ]
+
+
+def vanishing_finding(
+    run: Run, *, growth: float = 1.5, min_layers: int = 4, span: float = 1000.0, floor: float = 1e-8
+) -> list[Finding]:
+    """The gradient, relative to each weight, shrinks geometrically through depth or vanishes."""
+    h = run.health
+    if run.origin is not None or run.depth.exploding:
+        return []
+    excluded = set(biases_before_norm(h)) | set(np.flatnonzero(h.dead_streak >= h.dead_after))
+    ratio = h.ratio_log.copy()
+    ratio[list(excluded)] = np.nan
+    keys = param_keys(h)
+    found = chains(keys, h.backward_order, ratio, h.modules, min_layers)
+    hits = [c for c in found if geometric(c, growth, span, up=False)]
+    signals = signal_chains(h, h.signal_log, min_layers)
+    signal_hits = [c for c in signals if geometric(c, growth, span, up=False)]
+    finite = ratio[np.isfinite(ratio)]
+    typical = float(np.median(finite)) if finite.size else math.nan
+    low = np.isfinite(ratio) & ((ratio < math.log10(floor)) | (ratio < typical - 4.0))
+    if not hits and not signal_hits and not low.any():
+        return []
+    parts = []
+    flagged = set(np.flatnonzero(low).tolist())
+    for chain in sorted(hits, key=lambda c: c.span):
+        parts.append(
+            f"{chain.label} gradients (relative to the parameter's norm) shrink "
+            f"{times(chain.factor)} per layer in backward order through {chain.through}, "
+            f"{times(10**chain.span)} in all"
+        )
+        top = float(chain.values.max())
+        flagged.update(i for i, v in zip(chain.members, chain.values) if v <= top - 2.0)
+    for chain in signal_hits:
+        parts.append(
+            f"the backpropagated signal shrinks {times(chain.factor)} per layer through "
+            f"{chain.through}"
+        )
+    if not flagged:
+        flagged = {i for c in hits for i in c.members}
+    data: dict[str, float | str | None] = {}
+    if hits:
+        data.update(decay_per_layer=min(hits, key=lambda c: c.span).factor)
+    if flagged:
+        worst = min(flagged, key=lambda i: ratio[i])
+        best = int(np.nanargmax(ratio))
+        parts.append(
+            f"`{h.names[worst]}` gets {num(10 ** ratio[worst])} of its own norm per step, "
+            f"{ratio[best] - ratio[worst]:.0f} orders of magnitude below `{h.names[best]}` "
+            f"({num(10 ** ratio[best])})"
+        )
+        data.update(worst_ratio=float(10 ** ratio[worst]), best_ratio=float(10 ** ratio[best]))
+        update = h.update_log[worst]
+        if np.isfinite(update) and 10**update < _FLOAT32_RESOLUTION:
+            parts.append(
+                f"its update-to-weight ratio is {10**update:.1g}, below float32 resolution "
+                "(6e-8): these weights cannot change"
+            )
+    plain, gated = recurrent_types(list(h.types))
+    squashing = saturating(h)
+    if plain or gated:
+        cause = "recurrence"
+    elif squashing:
+        cause = "saturation"
+        parts.append(f"the model uses {', '.join(squashing)}, which saturate")
+    else:
+        cause = "initialization"
+    remedies = list(REMEDIES[cause])
+    if plain:
+        remedies.append(f"for recurrence, use an LSTM/GRU instead of a plain {plain[0]}")
+    if any("LSTM" in t.upper() for t in gated):
+        remedies.append(
+            "the model already uses an LSTM: initialise its forget-gate biases to 1 so the cell "
+            "state carries the gradient across time steps (Jozefowicz et al., 2015)"
+        )
+    rank = {position: r for r, position in enumerate(h.backward_order)}
+    order = sorted(flagged, key=lambda i: -rank.get(i, 0))  # the input end first
+    return [
+        Finding(
+            "vanishing",
+            tuple(h.names[i] for i in order),
+            "; ".join(parts),
+            tuple(remedies),
+            {},
+            cause=cause,  # type: ignore[arg-type]
+            severity="warning",
+            first_step=h.first_step,
+            data=data,
+        )
+    ]
+
+
+def dead_findings(run: Run) -> list[Finding]:
+    """Parameters without a gradient (unused) and layers whose units never activate."""
+    h = run.health
+    dead = h.dead_streak >= h.dead_after
+    if not dead.any() or (run.origin is not None and h.finite_steps < h.dead_after):
+        return []
+    missing = dead & (h.dead_missing == h.dead_streak)
+    findings = []
+    for group, is_missing in ((missing, True), (dead & ~missing, False)):
+        index = np.flatnonzero(group)
+        if index.size == 0:
+            continue
+        names = [h.names[i] for i in index]
+        streak = int(h.dead_streak[index].min())
+        never = not h.ever_alive[index].any()
+        since = int(h.dead_since[index].min())
+        span = f"for all {streak} steps seen" if never else f"for the last {streak}+ steps"
+        if not never and since >= 0:
+            span += f" (since step {since})"
+        data: dict[str, float | str | None] = {"steps": streak, "params": len(names)}
+        if is_missing:
+            evidence = (
+                f"{names_list(names)} received no gradient (grad is None) {span}: not used in "
+                "the forward pass"
+            )
+            findings.append(
+                Finding(
+                    "unused",
+                    tuple(names),
+                    evidence,
+                    REMEDIES["unused"],
+                    {},
+                    cause="unused",
+                    severity="warning",
+                    first_step=since if since >= 0 else h.first_step,
+                    data=data,
+                )
+            )
+            continue
+        layer, victims = _dead_layer(run, index)
+        evidence = f"the units of `{layer}` never activate {span}: its gradient is exactly zero"
+        if victims:
+            evidence += (
+                f", and so is every gradient before it ({names_list(victims)}): they are its "
+                "victims, not the cause"
+            )
+        data.update(layer=layer, victims=len(victims))
+        findings.append(
+            Finding(
+                "dead",
+                (layer,),
+                evidence,
+                REMEDIES["dead_units"],
+                {},
+                cause="dead_units",
+                severity="warning",
+                first_step=since if since >= 0 else h.first_step,
+                data=data,
+            )
+        )
+    return findings
+
+
+def _dead_layer(run: Run, index: np.ndarray) -> tuple[str, list[str]]:
+    """The layer whose units are dead, and the parameters that are zero because of it.
+
+    Zero gradient comes from a zero output gradient (the layer's units are dead: its bias gets
+    zero too) or from a zero input (the layer after dead units: its weight is zero, its bias is
+    not). The dead layer is the one nearest the loss whose bias (or, without a bias, whose
+    weight behind a zero-input layer) is zero.
+    """
+    h = run.health
+    dead = set(index.tolist())
+    order = [i for i in h.backward_order if i in dead]
+    modules = list(dict.fromkeys(h.modules[i] for i in order))
+    alive_bias = {
+        h.modules[i] for i, name in enumerate(h.names) if name.endswith("bias") and i not in dead
+    }
+    chosen = modules[0]
+    for module in modules:
+        bias = f"{module}.bias" if module else "bias"
+        if bias in h.names and h.names.index(bias) in dead:
+            chosen = module
+            break
+        if module in alive_bias:  # zero weight from a zero input: dead units come earlier
+            continue
+        chosen = module
+        break
+    victims = [h.names[i] for i in order if h.modules[i] != chosen]
+    return chosen, victims
+
+
+def bias_before_norm_finding(run: Run) -> list[Finding]:
+    """Biases right before a BatchNorm/InstanceNorm: cancelled by it, so they never learn (info)."""
+    h = run.health
+    found = biases_before_norm(h)
+    if not found:
+        return []
+    names = [h.names[i] for i in sorted(found)]
+    norms = sorted(set(found.values()))
+    evidence = (
+        f"{names_list(names)} feed{'s' if len(names) == 1 else ''} {names_list(norms)}, which "
+        "subtracts the per-channel mean again: these biases get almost no gradient by "
+        "construction (benign)"
+    )
+    return [
+        Finding(
+            "bias_before_norm",
+            tuple(names),
+            evidence,
+            REMEDIES["redundant_bias"],
+            {},
+            cause="redundant_bias",
+            severity="info",
+            first_step=h.first_step,
+            data={"biases": len(names)},
+        )
+    ]
