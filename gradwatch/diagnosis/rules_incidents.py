@@ -102,6 +102,10 @@ def incident_finding(run: Run) -> list[Finding]:
     elif not any("on_nonfinite" in r for r in remedies):
         remedies.append(skip)
     places = found.places or ((place,) if place else ())
+    first = origin.step  # where the cause began: the bad batch, or the start of the growth
+    began = found.data.get("onset" if found.cause == "data" else "start")
+    if found.cause in ("data", "learning_rate") and isinstance(began, int):
+        first = min(first, began)
     data = dict(found.data)
     data.update(step=origin.step, what=what, stage=origin.stage, nonfinite_steps=total)
     return [
@@ -113,7 +117,7 @@ def incident_finding(run: Run) -> list[Finding]:
             suggested,
             cause=found.cause,  # type: ignore[arg-type]
             severity="error",
-            first_step=origin.step,
+            first_step=first,
             data=data,
         )
     ]

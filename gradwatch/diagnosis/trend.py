@@ -119,7 +119,7 @@ def _describe(series: Series, x: np.ndarray, start: int, onset: int, end: int) -
     jump = float(diffs[j]) if diffs.size else 0.0
     # One batch can only be told from the optimisation after a few steady steps: a jump at the
     # first updates is the first update being too large.
-    is_jump = jump >= _JUMP_SHARE * total and start >= _STEADY
+    is_jump = jump >= _JUMP_SHARE * total and start + j >= _STEADY
 
     finite_diffs = diffs[np.isfinite(diffs)]
     per_step = 10 ** float(np.median(finite_diffs)) if finite_diffs.size else math.inf
