@@ -27,6 +27,7 @@ __all__ = [
     "chains",
     "geometric",
     "gradient_to_weight",
+    "layers_before_norm",
     "param_keys",
     "recurrent_types",
     "rms_log",
@@ -176,27 +177,33 @@ def saturating(health: HealthReport) -> list[str]:
     return [t for t in _SATURATING if t in types]
 
 
-def biases_before_norm(health: HealthReport) -> dict[int, str]:
-    """Biases whose module is followed directly by a normalisation that cancels them.
+def layers_before_norm(health: HealthReport) -> dict[str, str]:
+    """Layers whose output feeds a normalisation that subtracts the per-channel mean.
 
     Read from the data flow, not the module order: in backward arrival order, the module that
-    precedes a layer is the one its output feeds. Returns ``{bias position: norm module}``.
+    precedes a layer is the one its output feeds. Such a layer's bias is cancelled, and its
+    gradient is blind to its weights' scale: it can be tiny by construction, without vanishing.
+    Returns ``{layer: norm module}``.
     """
     modules: list[str] = []
     for i in health.backward_order:
         if not modules or modules[-1] != health.modules[i]:
             modules.append(health.modules[i])
-    type_of = {m: t for m, t in zip(health.modules, health.types)}
+    type_of = dict(zip(health.modules, health.types))
+    layers = ("Linear", "Conv1d", "Conv2d", "Conv3d")
     found = {}
     for before, after in itertools.pairwise(modules):
-        if not any(type_of.get(before, "").startswith(n) for n in _NORMS_CANCELLING_BIAS):
-            continue
-        bias = f"{after}.bias" if after else "bias"
-        if bias in health.names and type_of.get(after, "") in (
-            "Linear",
-            "Conv1d",
-            "Conv2d",
-            "Conv3d",
-        ):
-            found[health.names.index(bias)] = before
+        cancels = any(type_of.get(before, "").startswith(n) for n in _NORMS_CANCELLING_BIAS)
+        if cancels and type_of.get(after, "") in layers:
+            found[after] = before
+    return found
+
+
+def biases_before_norm(health: HealthReport) -> dict[int, str]:
+    """Biases of :func:`layers_before_norm`: ``{bias position: norm module}``."""
+    found = {}
+    for layer, norm in layers_before_norm(health).items():
+        bias = f"{layer}.bias" if layer else "bias"
+        if bias in health.names:
+            found[health.names.index(bias)] = norm
     return found

@@ -17,6 +17,7 @@ from gradwatch.diagnosis.depth import (
     biases_before_norm,
     chains,
     geometric,
+    layers_before_norm,
     param_keys,
     recurrent_types,
     saturating,
@@ -81,7 +82,9 @@ def vanishing_finding(
     h = run.health
     if run.origin is not None or run.depth.exploding:
         return []
-    excluded = set(biases_before_norm(h)) | set(np.flatnonzero(h.dead_streak >= h.dead_after))
+    before_norm = set(layers_before_norm(h))
+    excluded = {i for i, m in enumerate(h.modules) if m in before_norm}
+    excluded |= set(np.flatnonzero(h.dead_streak >= h.dead_after).tolist())
     ratio = h.ratio_log.copy()
     ratio[list(excluded)] = np.nan
     keys = param_keys(h)

@@ -36,15 +36,16 @@ class Blowup(NamedTuple):
 
     Attributes:
         kind: ``"jump"`` (one step carried it) or ``"growth"`` (it built over steps).
-        start: Step of the level the rise started from (the trough before it).
+        start: The last step still within 2x of the level the rise started from.
         onset: First step at :data:`FACTOR` times that level or more.
         level: The norm at ``start``.
         value: The norm at ``onset`` (inf when the norm went non-finite there).
         peak: The largest finite norm from ``onset`` on, before any non-finite step.
-        per_step: Median growth factor per step from ``start`` to ``onset``.
+        per_step: Growth factor per step from ``start`` to ``onset`` (geometric mean).
         jump: The largest one-step factor in that stretch, and ``jump_step`` its step.
         nonfinite_step: The first non-finite step after the rise began, or None.
-        lr_ratio: Learning rate at ``onset`` over the one at ``start`` (None: unknown).
+        lr_ratio: Learning rate at ``onset`` over the one at the trough before the rise (None:
+            unknown).
         loss_ratio: Loss at ``onset`` (or the last finite one) over the loss at ``start``.
     """
 
@@ -108,8 +109,14 @@ def _sustained(x: np.ndarray, t: int, end: int, floor: float) -> bool:
     return bool(np.all(after >= floor))
 
 
-def _describe(series: Series, x: np.ndarray, start: int, onset: int, end: int) -> Blowup:
+def _describe(series: Series, x: np.ndarray, trough: int, onset: int, end: int) -> Blowup:
     steps, norms, losses, lrs = series
+    # The rise starts at the last step still within 2x of the trough's level.
+    level = x[trough]
+    start = trough
+    for t in range(trough, min(onset, end)):
+        if x[t] <= level + math.log10(2.0):
+            start = t
     top = x[start : min(onset + 1, end)]
     diffs = np.diff(top)
     total = (x[onset] if onset < end else top.max() + 1.0) - x[start]
@@ -121,12 +128,11 @@ def _describe(series: Series, x: np.ndarray, start: int, onset: int, end: int) -
     # first updates is the first update being too large.
     is_jump = jump >= _JUMP_SHARE * total and start + j >= _STEADY
 
-    finite_diffs = diffs[np.isfinite(diffs)]
-    per_step = 10 ** float(np.median(finite_diffs)) if finite_diffs.size else math.inf
+    last = min(onset, end - 1)
+    per_step = 10 ** float((x[last] - x[start]) / (last - start)) if last > start else math.inf
     stop = end if end > onset else onset
     peak = float(np.nanmax(norms[onset:stop])) if stop > onset else math.inf
     nonfinite = int(steps[end]) if end < len(series) else None
-    last = min(onset, end - 1)
     return Blowup(
         kind="jump" if is_jump else "growth",
         start=int(steps[start]),
@@ -138,7 +144,7 @@ def _describe(series: Series, x: np.ndarray, start: int, onset: int, end: int) -
         jump=10**jump if math.isfinite(jump) else math.inf,
         jump_step=int(steps[start + j + 1]) if start + j + 1 < len(series) else int(steps[-1]),
         nonfinite_step=nonfinite,
-        lr_ratio=_ratio(lrs[min(onset, len(series) - 1)], lrs[start]),
+        lr_ratio=_ratio(lrs[min(onset, len(series) - 1)], lrs[trough]),
         loss_ratio=_ratio(_last_finite(losses[start : last + 1]), losses[start]),
     )
 
