@@ -1,4 +1,8 @@
-"""``gradwatch demo``: the textbook exploding network, unprotected and then clipped.
+"""``gradwatch demo``: the textbook exploding network and its remedies, then one bad record.
+
+Part 1 (:mod:`gradwatch.demo_remedies`) is the seed's network, diagnosed at step 0 and run again
+with each remedy the texts name. Part 2, below, is a deep network that trains well until one
+record in the wrong unit throws it off, unprotected and then clipped.
 
 The network is the one texts on exploding gradients use: a deep stack of Linear+ReLU layers whose
 weights all start at the same constant above 1 (20 layers, gain 2.34 per layer). Its output is a
@@ -260,9 +264,12 @@ def _bad_steps_text(steps: tuple[int, ...]) -> str:
 def run_demo(steps: int = 60, log: str | None = "gradwatch-demo.jsonl") -> int:
     """Run both halves of the demo, printing what gradwatch reports; returns an exit code."""
     import gradwatch as gw
+    from gradwatch.demo_remedies import remedies_table
 
     console = Console(file=sys.stdout, highlight=False)
-    console.rule("[bold]gradwatch demo: the textbook exploding network")
+    remedies_table(console)
+    console.print()
+    console.rule("[bold]gradwatch demo, part 2: a deep network and one bad record")
     console.print(
         f"Network: {DEPTH} Linear+ReLU layers of {WIDTH} units, no biases, every weight "
         f"{GAIN}/fan_in. Its output is a product of {DEPTH} factors of {GAIN}, and each layer's "

@@ -132,3 +132,22 @@ def test_cli_runs_both_acts_and_writes_a_fresh_log(tmp_path: Path):
     kinds = {r.get("kind") for r in records if r["type"] == "event"}
     assert {"spike", "nonfinite"} <= kinds
     assert records[-1]["type"] == "summary"
+
+
+def test_part_one_diagnoses_the_textbook_network_and_each_remedy_helps() -> None:
+    from gradwatch.demo_remedies import remedies_table
+
+    out = io.StringIO()
+    outcomes = {o.name.split(" (")[0]: o for o in remedies_table(Console(file=out, width=120))}
+    text = out.getvalue()
+    plain = outcomes["none"]
+    assert plain.first_norm > 1e14 and (plain.cause, plain.place) == ("initialization", "0")
+    assert plain.finding.data["growth_per_layer"] == pytest.approx(2.34, rel=1e-3)
+    assert "cause initialization" in text and "×2.34 per layer" in text
+    clipped = outcomes["gradient clipping"]
+    assert clipped.final_loss < 1.0 < plain.final_loss  # the suggested max_norm rescues the run
+    for healthy in ("careful initialisation", "batch normalisation after each layer"):
+        outcome = outcomes[healthy]
+        assert outcome.cause is None and outcome.final_loss < 0.5 * outcome.first_loss, healthy
+    fewer = outcomes["fewer layers"]
+    assert fewer.first_norm < 1e-9 * plain.first_norm and fewer.final_loss < 1.0

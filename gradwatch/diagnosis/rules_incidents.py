@@ -135,7 +135,7 @@ def divergence_finding(run: Run) -> list[Finding]:
     rise, progress = run.rise, loss_progress(h.overview if len(h.overview) >= 6 else h.early)
     found: Explanation | None = None
     first = None
-    if rise is not None and rise.kind == "growth":
+    if rise is not None and rise.kind == "growth" and not _recovered(h, rise, progress):
         rising = rise.loss_ratio is not None and rise.loss_ratio >= 2.0
         if rise.rise >= _NORM_DIVERGED or rising:
             found, first = explain_blowup(rise), rise.start
@@ -168,6 +168,17 @@ def divergence_finding(run: Run) -> list[Finding]:
             data=dict(found.data),
         )
     ]
+
+
+def _recovered(h: object, rise: object, progress: float | None) -> bool:
+    """The run came back from the rise: its last norms are near the level again and its loss
+    ended below where it started (a transient, which the spike detector reports if it stood
+    out), not a divergence."""
+    overview = h.overview  # type: ignore[attr-defined]
+    norms = overview.norms[np.isfinite(overview.norms)]
+    if not norms.size or progress is None or progress >= 1.0:
+        return False
+    return bool(norms[-1] < rise.level * 10.0)  # type: ignore[attr-defined]
 
 
 def spike_finding(run: Run) -> list[Finding]:

@@ -8,6 +8,7 @@ activate, every layer before it gets a zero gradient too; the finding names the 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -83,6 +84,12 @@ def vanishing_finding(
     if run.origin is not None or run.depth.exploding:
         return []
     before_norm = set(layers_before_norm(h))
+    # A normalisation whose output feeds such a layer only scales its input: cancelled too.
+    type_of = dict(zip(h.modules, h.types))
+    order = list(dict.fromkeys(h.modules[i] for i in h.backward_order))
+    for near, far in itertools.pairwise(order):
+        if near in before_norm and "Norm" in type_of[far]:
+            before_norm.add(far)
     excluded = {i for i, m in enumerate(h.modules) if m in before_norm}
     excluded |= set(np.flatnonzero(h.dead_streak >= h.dead_after).tolist())
     ratio = h.ratio_log.copy()
