@@ -1,10 +1,27 @@
-"""Spike detection against the run's own history: exponential moving mean and variance.
+"""Spike detection against the run's own history, on the logarithm of the value.
 
-A step is a spike when its value is an outlier relative to what this run has seen: its z-score on
-an exponential moving mean/variance exceeds ``z_threshold`` after a warm-up, in the spirit of ZClip
-(alpha 0.97, z 2.5, warm-up 25 are known-good defaults). Spikes enter the statistics at the
-threshold, not at their own value, so one explosion does not raise the bar for the next; non-finite
-values never enter them at all.
+Gradient norms (and losses) are positive, heavy-tailed and skewed: roughly log-normal, noisier
+still with small batches. A z-score on the raw value fires on about one healthy step in a hundred,
+so the detector works on ``log(value)``, where a spike is a *multiple* of the run's level whatever
+its scale, and asks for a real outlier:
+
+* after ``warmup`` values, a step is a spike when it exceeds the level (an exponential moving mean
+  of ``log(value)``) by more than ``z_threshold`` moving standard deviations **and** by more than
+  ``min_ratio`` times: a healthy step rarely exceeds 2-3x the recent level, a bad batch is 5-10x
+  or more;
+* during the warm-up the spread is not known yet, so a step is a spike when it exceeds
+  ``warmup_ratio`` times the level (or the run's early level, of its first 5 values, if lower)
+  and two typical step-to-step changes (noise that swings x5 between batches needs a higher bar
+  than x10). A divergence that starts at step 0 is flagged a step or two after it reached x10 the
+  early level, while a model leaving its initialisation (x2-5) is not.
+
+What enters the statistics is bounded, as ZClip clips before updating: a value enters the level
+at most at the post-warm-up bar, and a spike enters the spread as a one-spread deviation (so one
+explosion, a bad batch during the warm-up or a bad batch every few steps does not raise the bar
+for the next one, while a lasting shift still moves the level); after the warm-up a value enters
+at least ``2`` spreads below the level (so a run of tiny values does not drag the level down and
+inflate the spread). Non-finite values, zeros and negative values never enter them. Each update
+is a handful of float operations on the host, with no buffer.
 
 References:
     Kumar et al., "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", 2025.
@@ -18,41 +35,71 @@ from typing import Any
 import numpy as np
 
 from gradwatch.config import check_int, check_positive, check_probability
+from gradwatch.errors import ConfigError, ConfigTypeError
 
 __all__ = ["ParamBaseline", "SpikeDetector"]
 
+_FLOOR = 2.0  # after the warm-up, a value enters at least this many spreads below the level
+_WARMUP_Z = 2.0  # during the warm-up, a spike exceeds the level by this many typical step changes
+_EARLY = 5  # the run's early level is the level of its first values
+
+
+def _check_ratio(name: str, value: object) -> float:
+    """Return ``value`` as a float if it is a finite number >= 1, else raise."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and math.isfinite(value) and value >= 1:  # type: ignore[arg-type]
+        return float(value)  # type: ignore[arg-type]
+    error = ConfigError if number else ConfigTypeError
+    raise error(f"{name} must be a finite number >= 1, got {value!r}")
+
 
 class SpikeDetector:
-    """Flags values that are outliers against an exponential moving mean and variance.
+    """Flags values that are outliers against the run's own level, on a logarithmic scale.
 
     The detector runs on the host over floats that the watcher has already brought back, so it
-    adds no device work to a step.
+    adds no device work to a step; an update costs about a microsecond and keeps no buffer.
 
     Args:
-        alpha: EMA smoothing factor in (0, 1); higher remembers longer.
-        z_threshold: A value more than this many standard deviations above the mean is a spike.
-        warmup: Number of finite values used to initialise mean and variance; an outlier among
-            them enters capped (at the median plus ``z_threshold`` robust standard deviations),
-            so a bad batch during warm-up does not blind the detector. No spike is flagged
-            before that.
-        min_ratio: A spike must also exceed ``min_ratio`` times the mean. Guards against flagging
-            noise in a run whose values barely vary (a tiny variance makes any wobble an outlier).
+        alpha: EMA smoothing factor in (0, 1) of the level and spread of ``log(value)``; higher
+            remembers longer. The first ``1 / (1 - alpha)`` values are averaged equally, so the
+            level starts unbiased.
+        z_threshold: After the warm-up, a spike exceeds the level by more than this many
+            standard deviations of ``log(value)``.
+        warmup: Number of finite values before the spread is trusted; until then a spike must
+            exceed ``warmup_ratio`` times the level.
+        min_ratio: After the warm-up, a spike must also exceed ``min_ratio`` times the level
+            (>= 1). Guards against flagging noise in a run whose values barely vary.
+        warmup_ratio: During the warm-up, a spike must exceed ``warmup_ratio`` times the level,
+            or the early level if lower (>= 1), and two typical step-to-step changes: a value far
+            above the run's early values is flagged before the spread is known, the transients of
+            a model leaving its initialisation are not.
 
     Raises:
         ValueError: An argument is out of range.
+        TypeError: An argument is not a number.
+
+    Attributes:
+        count: Finite, positive values seen.
+        mean: The level: exponential moving mean of ``log(value)``.
+        var: Exponential moving variance of ``log(value)``.
     """
 
     def __init__(
         self,
         alpha: float = 0.97,
-        z_threshold: float = 2.5,
+        z_threshold: float = 4.0,
         warmup: int = 25,
-        min_ratio: float = 1.5,
+        min_ratio: float = 3.0,
+        *,
+        warmup_ratio: float = 10.0,
     ) -> None:
         self.alpha = check_probability("alpha", alpha)
         self.z_threshold = check_positive("z_threshold", z_threshold)
         self.warmup = check_int("warmup", warmup, minimum=1)
-        self.min_ratio = check_positive("min_ratio", min_ratio)
+        self.min_ratio = _check_ratio("min_ratio", min_ratio)
+        self.warmup_ratio = _check_ratio("warmup_ratio", warmup_ratio)
+        self._log_min_ratio = math.log(self.min_ratio)
+        self._log_warmup_ratio = math.log(self.warmup_ratio)
         self.reset()
 
     def reset(self) -> None:
@@ -60,67 +107,107 @@ class SpikeDetector:
         self.count = 0
         self.mean = 0.0
         self.var = 0.0
-        self._warm: list[float] = []
+        self._last = 0.0  # the last log-value that entered, during the warm-up
+        self._step_var = 0.0  # mean of squared step-to-step changes of log(value), warm-up
+        self._early = 0.0  # the level of the first _EARLY values
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Derive the bars for the next value from the statistics (once per update)."""
+        spread = math.sqrt(self.var)
+        self._cap = self.mean + max(self.z_threshold * spread, self._log_min_ratio)
+        self._floor = self.mean - _FLOOR * spread
+        if not self.count:
+            self._threshold: float | None = None
+            return
+        if self.count >= self.warmup:
+            bar = self._cap
+        else:  # successive differences of i.i.d. noise have spread sqrt(2) sigma
+            step_spread = math.sqrt(0.5 * self._step_var)
+            level = self.mean if self.count <= _EARLY else min(self.mean, self._early)
+            bar = level + max(_WARMUP_Z * step_spread, self._log_warmup_ratio)
+        self._threshold = math.exp(bar) if bar < 709.0 else math.inf
 
     @property
     def threshold(self) -> float | None:
-        """The value above which the next step is a spike, or None during warm-up."""
-        if self.count < self.warmup:
-            return None
-        std = math.sqrt(self.var)
-        return max(self.mean + self.z_threshold * std, self.min_ratio * abs(self.mean))
+        """The value above which the next step is a spike, or None before the first value."""
+        return self._threshold
 
     def update(self, value: float) -> bool:
         """Feed one step's value; return True if it is a spike.
 
-        Non-finite values are ignored (never a spike here, never in the statistics).
+        Non-finite values, zeros and negative values are ignored: never a spike here, never in
+        the statistics (a logarithmic scale has no room for them).
         """
-        if not math.isfinite(value):
+        if not (value > 0.0 and value < math.inf):  # also False for NaN
             return False
-        if self.count < self.warmup:
-            self._warm.append(value)
-            self.count += 1
-            if self.count == self.warmup:
-                self._start(np.asarray(self._warm))
-                self._warm = []
-            return False
-        threshold = self.threshold
-        assert threshold is not None
-        spike = value > threshold
-        self._ema(threshold if spike else value)
+        threshold = self._threshold
+        spike = threshold is not None and value > threshold
+        x = math.log(value)
+        count = self.count
+        if count:
+            if x > self._cap:  # one explosion does not raise the bar for the next
+                x = self._cap
+            if count >= self.warmup:
+                if x < self._floor:
+                    x = self._floor
+            else:
+                self._step_var += ((x - self._last) ** 2 - self._step_var) / count
+        if count < self.warmup:
+            self._last = x
+        weight = max(1.0 - self.alpha, 1.0 / (count + 1))
+        delta = x - self.mean
+        self.mean += weight * delta
+        if spike:  # a spike moves the level, but enters the spread as a one-spread step
+            delta = min(delta, math.sqrt(self.var))
+        self.var = (1.0 - weight) * (self.var + weight * delta * delta)
+        self.count = count + 1
+        if self.count == _EARLY:
+            self._early = self.mean
+        self._refresh()
         return spike
-
-    def _start(self, warm: np.ndarray) -> None:
-        """Mean and variance of the warm-up values, outliers capped first.
-
-        An outlier during warm-up (a bad batch at step 10) would otherwise inflate the variance
-        and blind the detector for a few hundred steps. The cap is the detector's own rule with
-        robust statistics: the median plus ``z_threshold`` robust standard deviations (1.4826 x
-        the median absolute deviation), and at least ``min_ratio`` x the median. Values above
-        it enter at the cap, as outliers do after warm-up.
-        """
-        median = float(np.median(warm))
-        spread = 1.4826 * float(np.median(np.abs(warm - median)))
-        cap = max(median + self.z_threshold * spread, self.min_ratio * abs(median))
-        capped = np.minimum(warm, cap)
-        self.mean = float(np.mean(capped))
-        self.var = float(np.var(capped))
-
-    def _ema(self, value: float) -> None:
-        self.count += 1
-        self.mean = self.alpha * self.mean + (1.0 - self.alpha) * value
-        self.var = self.alpha * self.var + (1.0 - self.alpha) * (value - self.mean) ** 2
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly where the run stopped."""
-        return {"count": self.count, "mean": self.mean, "var": self.var, "warm": list(self._warm)}
+        return {
+            "count": self.count,
+            "mean": self.mean,
+            "var": self.var,
+            "last": self._last,
+            "step_var": self._step_var,
+            "early": self._early,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned.
+
+        A state saved by an earlier gradwatch, before the logarithmic detector (keys ``mean``/``var`` of
+        the raw value and a ``warm`` list) is converted: its warm-up values are replayed, or its
+        moments are carried to the log scale (as for a log-normal value).
+        """
+        if "warm" in state:
+            self._load_raw_state(state)
+            return
         self.count = int(state["count"])
         self.mean = float(state["mean"])
         self.var = float(state["var"])
-        self._warm = [float(v) for v in state["warm"]]
+        self._last = float(state["last"])
+        self._step_var = float(state["step_var"])
+        self._early = float(state["early"])
+        self._refresh()
+
+    def _load_raw_state(self, state: dict[str, Any]) -> None:
+        self.reset()
+        warm = [float(v) for v in state["warm"]]
+        count, mean, var = int(state["count"]), float(state["mean"]), float(state["var"])
+        if warm or count == 0 or mean <= 0.0:
+            for value in warm:
+                self.update(value)
+            return
+        self.var = math.log1p(var / (mean * mean))
+        self.mean = math.log(mean) - 0.5 * self.var
+        self.count = max(count, self.warmup)
+        self._refresh()
 
 
 class ParamBaseline:
