@@ -181,9 +181,9 @@ class SpikeDetector:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned.
 
-        A state saved by an earlier gradwatch, before the logarithmic detector (keys ``mean``/``var`` of
-        the raw value and a ``warm`` list) is converted: its warm-up values are replayed, or its
-        moments are carried to the log scale (as for a log-normal value).
+        A state saved by an earlier gradwatch, before the logarithmic detector (``mean``/``var``
+        of the raw value and a ``warm`` list), is converted: its warm-up values are replayed, or
+        its moments are carried to the log scale (as for a log-normal value).
         """
         if "warm" in state:
             self._load_raw_state(state)
