@@ -159,7 +159,7 @@ class StepReport:
         loss: The loss passed to the watcher for this step (mean over micro-batches), or None.
         skip_reason: Why the step was skipped, or None.
         spike_params: On a spike, the parameters whose norm grew most relative to their own history.
-        spike_threshold: The detector's threshold at this step (None during warm-up).
+        spike_threshold: The detector's threshold at this step (None before its first value).
         scale: The GradScaler loss scale at this step, when a scaler is known.
         norm_type: Order of the norm used for ``global_norm``.
         micro_batch_norms: Global L2 norm of each micro-batch's gradient contribution, when

@@ -495,7 +495,7 @@ def _segment(model, opt, watch, start: int, stop: int) -> list[tuple]:
         if step == 12:
             model[2].weight.grad.mul_(60.0)  # gradient spikes
         if step == 31:
-            torch._foreach_mul_([p.grad for p in model.parameters()], 100.0)
+            torch._foreach_mul_([p.grad for p in model.parameters()], 1e4)  # a real spike
         if step == 17:
             model[0].bias.grad[0] = math.nan  # skipped, and kept out of every statistic
         opt.step()

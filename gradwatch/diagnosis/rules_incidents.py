@@ -276,8 +276,9 @@ def _recurrent_remedy(run: Run, culprits: Sequence[str]) -> str:
 
 def _episodes_cause(run: Run, eps: Sequence[Episode]) -> tuple[str, str]:
     """What the spikes point at: the incident's cause when they led to it, else their shape."""
-    if run.incident is not None and run.incident.cause in ("learning_rate", "data"):
-        return run.incident.cause, run.incident.reason
+    found = run.incident
+    if found is not None and (found.cause in ("learning_rate", "data") or run.unhealthy_from_start):
+        return found.cause, found.reason
     unstable = [e for e in eps if e.cause == "learning_rate"]
     if unstable:
         return "learning_rate", f"{unstable[0].reason}: the optimisation was going unstable"
