@@ -55,7 +55,14 @@ def step_events(
     """
     events = []
     taken = _TAKEN.get(action or "", "")
-    if report.nonfinite:
+    scaler = (report.skip_reason or "").startswith("GradScaler")
+    if report.nonfinite and scaler:  # its normal loss-scale backoff: a skip, not an alarm
+        message = (
+            f"step {report.step}: GradScaler skipped the step: float16 gradients overflowed at "
+            f"loss scale {fmt(report.scale)}; it lowers the scale and goes on"
+        )
+        events.append(Event(report.step, "skip", message, (), {"reason": report.skip_reason or ""}))
+    elif report.nonfinite:
         events.append(_nonfinite_event(report, taken, on_nonfinite, owner_types, origin))
     elif report.loss is not None and not math.isfinite(report.loss):
         events.append(_loss_event(report, origin))
@@ -74,7 +81,7 @@ def step_events(
     if report.loss_spike:
         message = f"step {report.step}: loss spike {fmt(report.loss)}"
         events.append(Event(report.step, "loss_spike", message, (), {"loss": report.loss}))
-    if report.skipped and not report.nonfinite and not report.spike:
+    if report.skipped and not report.nonfinite and not report.spike and not scaler:
         message = f"step {report.step}: optimizer step skipped ({report.skip_reason})"
         events.append(Event(report.step, "skip", message, (), {"reason": report.skip_reason or ""}))
     if cause is not None and events:

@@ -197,6 +197,7 @@ class HealthDetector:
             loss_nonfinite=tuple(incidents.loss_origins),
             loss_nonfinite_count=incidents.loss_nonfinite_count,
             scaler_skips=incidents.scaler_skips,
+            scaler_late_skips=incidents.scaler_late_skips,
             min_scale=incidents.min_scale,
         )
 

@@ -167,6 +167,7 @@ class HealthReport:
             gradient was finite (or absent).
         loss_nonfinite_count: All such steps.
         scaler_skips: Steps a ``GradScaler`` skipped.
+        scaler_late_skips: Of those, the ones after its first step taken (not its calibration).
         min_scale: Smallest loss scale seen (inf without a scaler).
     """
 
@@ -219,6 +220,7 @@ class HealthReport:
     loss_nonfinite: tuple[NonFiniteOrigin, ...] = ()
     loss_nonfinite_count: int = 0
     scaler_skips: int = 0
+    scaler_late_skips: int = 0
     min_scale: float = math.inf
 
 

@@ -85,6 +85,8 @@ class IncidentLog:
         self.loss_origins: list[NonFiniteOrigin] = []
         self.loss_nonfinite_count = 0
         self.scaler_skips = 0
+        self.scaler_late_skips = 0  # after the scaler's first step taken: not its calibration
+        self._scaler_settled = False
         self.min_scale = math.inf
         self.trajectory.reset()
         self.spike_params: Counter[str] = Counter()
@@ -110,7 +112,10 @@ class IncidentLog:
         self.trajectory.update(step, global_norm, loss, float(max(lrs)) if lrs else None)
         if report.scale is not None:
             self.min_scale = min(self.min_scale, report.scale)
-            self.scaler_skips += (report.skip_reason or "").startswith("GradScaler")
+            skipped = (report.skip_reason or "").startswith("GradScaler")
+            self.scaler_skips += skipped
+            self.scaler_late_skips += skipped and self._scaler_settled
+            self._scaler_settled = self._scaler_settled or not skipped
         loss_bad = loss is not None and not math.isfinite(loss)
         if report.spike:
             self.trajectory.freeze("spike")
@@ -283,6 +288,8 @@ class IncidentLog:
             "loss_origins": [origin_to_state(o) for o in self.loss_origins],
             "loss_nonfinite_count": self.loss_nonfinite_count,
             "scaler_skips": self.scaler_skips,
+            "scaler_late_skips": self.scaler_late_skips,
+            "scaler_settled": self._scaler_settled,
             "min_scale": self.min_scale,
             **self.trajectory.state_dict(),
         }
@@ -307,6 +314,8 @@ class IncidentLog:
         self.loss_origins = [origin_from_state(o) for o in state.get("loss_origins", ())]
         self.loss_nonfinite_count = int(state.get("loss_nonfinite_count", 0))
         self.scaler_skips = int(state.get("scaler_skips", 0))
+        self.scaler_late_skips = int(state.get("scaler_late_skips", 0))
+        self._scaler_settled = bool(state.get("scaler_settled", False))
         self.min_scale = float(state.get("min_scale", math.inf))
         self.trajectory.load_state_dict(state)
 

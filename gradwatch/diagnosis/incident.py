@@ -41,6 +41,7 @@ __all__ = [
     "StartDepth",
     "explain",
     "explain_blowup",
+    "recurrent_place",
     "start_depth",
 ]
 
@@ -109,20 +110,42 @@ def start_depth(health: HealthReport) -> StartDepth:
         signals = signal_chains(health, log_s, _MIN_LAYERS)
         hits += [(c, True) for c in signals if geometric(c, _GROWTH, _SPAN, up=True)]
     ratio, layer = gradient_to_weight(health) or (None, "")
+    layer = _input_end(health, layer)
     if hits:
         chain, signal = max(hits, key=lambda h: h[0].span)
         return StartDepth(chain, signal, ratio, tuple(reversed(chain.layers)), layer)
     return StartDepth(None, False, ratio, (layer,) if layer else (), layer)
 
 
-def _recurrent_weight(health: HealthReport) -> str | None:
-    """The first plain or gated recurrent cell's hidden-to-hidden weight, if the model has one."""
+def _input_end(health: HealthReport, layer: str) -> str:
+    """Among the layers whose first gradient is within 2x of the largest ratio, the one nearest
+    the input: in a chain of equal layers every ratio ties, and the blow-up starts at the end
+    the gradient reaches last."""
+    g, w = health.first_norms, health.first_weights
+    ratios: dict[str, float] = {}
+    for i in health.backward_order:
+        if np.isfinite(g[i]) and np.isfinite(w[i]) and w[i] > 0:
+            m = health.modules[i]
+            ratios[m] = max(ratios.get(m, 0.0), float(g[i] / w[i]))
+    if layer not in ratios:
+        return layer
+    near = [m for m, r in ratios.items() if r >= 0.5 * ratios[layer]]
+    return near[-1] if near else layer
+
+
+def recurrent_place(health: HealthReport) -> str | None:
+    """Where a recurrence lives: torch's cells' hidden-to-hidden weight, else a hand-written
+    cell module (a class named like ``RNN``, ``...Cell``, ``Recurrent``), else None."""
     plain, gated = recurrent_types(list(health.types))
-    if not plain and not gated:
-        return None
     names = [n for n, t in zip(health.names, health.types) if t in plain + gated]
-    hh = [n for n in names if "weight_hh" in n]
-    return (hh or names)[0]
+    if names:
+        hh = [n for n in names if "weight_hh" in n]
+        return (hh or names)[0]
+    for name, kind in health.model_modules:
+        upper = kind.upper()
+        if name and any(k in upper for k in ("RNN", "CELL", "RECURRENT", "ELMAN")):
+            return name
+    return None
 
 
 def _half(health: HealthReport, origin: NonFiniteOrigin | None) -> bool:
@@ -178,7 +201,7 @@ def explain(health: HealthReport, origin: NonFiniteOrigin | None) -> Explanation
     if origin is not None and origin.value == "Inf" and _half(health, origin):
         return _precision(health, origin)
     depth = start_depth(health)
-    recurrent = _recurrent_weight(health)
+    recurrent = recurrent_place(health)
     if depth.exploding:
         data = {"growth_per_layer": depth.chain.factor if depth.chain else None}
         data["gradient_to_weight"] = depth.ratio
@@ -196,7 +219,7 @@ def explain(health: HealthReport, origin: NonFiniteOrigin | None) -> Explanation
             recurrent is not None
             and origin is not None
             and origin.param is not None
-            and origin.module == recurrent.rsplit(".", 1)[0]
+            and origin.module.startswith(str(recurrent).rsplit(".weight", 1)[0])
         )
         if in_cell and found.cause == "learning_rate":
             reason = f"{found.reason}; it starts in the recurrent weight `{recurrent}`"
@@ -259,10 +282,12 @@ def _sudden(health: HealthReport, origin: NonFiniteOrigin) -> Explanation:
     once = health.nonfinite_count + health.loss_nonfinite_count <= 3 and (
         health.steps > origin.step + 1 - (health.first_step or 0)
     )
-    if origin.step != health.first_step and origin.stage == "forward" and once:
+    if origin.step != health.first_step and origin.stage == "forward":
+        after = "and the next steps were finite" if once else "and nothing grew before it"
         reason = (
-            f"the loss went {num(origin.loss)} at step {origin.step} {steady}, and the next "
-            "steps were finite: one bad batch (NaN/Inf in its inputs or targets)"
+            f"the loss went {num(origin.loss)} at step {origin.step} {steady}, {after}: a bad "
+            "batch (NaN/Inf in its inputs or targets); forensics=True would tell it from an "
+            "unsafe operation"
         )
         return Explanation("data", (), reason, data)
     if origin.stage == "backward" or origin.step == health.first_step:

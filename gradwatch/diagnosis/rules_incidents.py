@@ -321,7 +321,8 @@ def scaler_finding(run: Run) -> list[Finding]:
     if not h.scaler_skips:
         return []
     share = h.scaler_skips / max(h.steps, 1)
-    trouble = h.min_scale < 1.0 or (h.steps >= 50 and share > 0.05)
+    late = h.scaler_late_skips / max(h.steps, 1)
+    trouble = h.min_scale < 1.0 or (h.steps >= 50 and late > 0.05)
     evidence = (
         f"GradScaler skipped {plural(h.scaler_skips, 'step')} of {h.steps} ({share:.0%}) because "
         f"float16 gradients overflowed; the loss scale went down to {num(h.min_scale)}"
@@ -338,7 +339,12 @@ def scaler_finding(run: Run) -> list[Finding]:
             cause="precision",
             severity="warning" if trouble else "info",
             first_step=h.nonfinite[0].step if h.nonfinite else None,
-            data={"scaler_skips": h.scaler_skips, "min_scale": h.min_scale, "share": share},
+            data={
+                "scaler_skips": h.scaler_skips,
+                "late_skips": h.scaler_late_skips,
+                "min_scale": h.min_scale,
+                "share": share,
+            },
         )
     ]
 

@@ -24,6 +24,7 @@ from gradwatch.diagnosis.depth import (
     saturating,
     signal_chains,
 )
+from gradwatch.diagnosis.incident import recurrent_place
 from gradwatch.diagnosis.remedies import REMEDIES
 from gradwatch.diagnosis.wording import names_list, num, times
 from gradwatch.records import Finding
@@ -40,13 +41,13 @@ def explosion_finding(run: Run) -> list[Finding]:
     if not depth.exploding:
         return []
     h = run.health
-    plain, gated = recurrent_types(list(h.types))
-    cause = "recurrence" if plain or gated else "initialization"
+    cell = recurrent_place(h)
+    cause = "recurrence" if cell is not None else "initialization"
     if run.incident is not None and run.incident.cause == cause and run.origin is not None:
         return []  # the NaN finding tells this story, with this evidence
     places = depth.params
-    if cause == "recurrence" and run.incident is not None and run.incident.places:
-        places = run.incident.places
+    if cause == "recurrence":
+        places = (str(cell),)
     remedies = list(REMEDIES[cause])
     suggested: dict[str, float] = {}
     bound = run.update_bound()
