@@ -21,7 +21,7 @@ root cause, healthy runs among them) it
 It prints one row per scenario, a confusion table (expected cause x diagnosed cause), the false
 alarms on healthy runs, the wrong ones with why, and ``N/M right``.
 
-Run ``python benchmarks/diagnosis.py`` (about 1 min on 2 CPU cores), ``--fast`` for the scenarios
+Run ``python benchmarks/diagnosis.py`` (about 40 s on one CPU thread), ``--fast`` for the scenarios
 the tests run, ``--only NAME ...`` for some, ``--signatures`` to also print what each scenario
 validated (its numbers). Exits 0 whatever it measures (a measurement, not a test); ``--strict``
 exits 1 if any scenario is wrong or invalid.
@@ -95,13 +95,12 @@ SHORT = {
     "initialization": "init",
     "saturation": "satur",
     "recurrence": "recur",
-    "forward_numerics": "fwdnum",
+    "forward_numerics": "fwd",
     "precision": "prec",
     "dead_units": "dead",
-    "unused": "unused",
+    "unused": "unusd",
     "redundant_bias": "rbias",
-    "unknown": "unknown",
-    "healthy": "healthy",
+    "unknown": "unkn",
     "none": "none",
 }
 """Short cause names for the confusion table's columns."""
@@ -137,10 +136,10 @@ def _confusion(rows: list[dict[str, str]]) -> str:
     expected = [c for c in (*gw.CAUSES, "healthy") if any(r["expected"] == c for r in valid)]
     diagnosed = [c for c in gw.CAUSES if any(r["diagnosed"] == c for r in valid)] + ["none"]
     counts = Counter((r["expected"], r["diagnosed"]) for r in valid)
-    head = "".join(f"{SHORT.get(c, c):>8}" for c in diagnosed)
+    head = "".join(f"{SHORT.get(c, c):>6}" for c in diagnosed)
     lines = ["expected (rows) x diagnosed (columns)", f"{'':<17}{head}", "-" * (17 + len(head))]
     for e in expected:
-        lines.append(f"{e:<17}" + "".join(f"{counts[(e, d)] or '.':>8}" for d in diagnosed))
+        lines.append(f"{e:<17}" + "".join(f"{counts[(e, d)] or '.':>6}" for d in diagnosed))
     return "\n".join(lines)
 
 
