@@ -133,6 +133,10 @@ def _describe(series: Series, x: np.ndarray, trough: int, onset: int, end: int) 
     stop = end if end > onset else onset
     peak = float(np.nanmax(norms[onset:stop])) if stop > onset else math.inf
     nonfinite = int(steps[end]) if end < len(series) else None
+    if is_jump and onset < end and stop - onset > 3:
+        later = norms[onset + 3 : stop]
+        if later.size and float(np.nanmax(later)) > 10.0 * norms[onset]:
+            is_jump = False  # it kept growing for steps after the crossing: not one batch
     return Blowup(
         kind="jump" if is_jump else "growth",
         start=int(steps[start]),
