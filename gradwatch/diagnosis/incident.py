@@ -211,7 +211,10 @@ def explain(health: HealthReport, origin: NonFiniteOrigin | None) -> Explanation
                 f"explodes through time in `{recurrent}`"
             )
             return Explanation("recurrence", (recurrent,), reason, data)
-        return Explanation("initialization", depth.params, depth.clause(health.first_step), data)
+        places = depth.params
+        if origin is not None and where(origin)[0] == "loss":  # the loss is where it showed
+            places = ("loss", *places)
+        return Explanation("initialization", places, depth.clause(health.first_step), data)
     rise = _rise_before(health, origin)
     if rise is not None:
         found = explain_blowup(rise)
