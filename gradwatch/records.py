@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -62,19 +62,7 @@ Cause = Literal[
 ]
 Severity = Literal["error", "warning", "info"]
 
-CAUSES: tuple[str, ...] = (
-    "learning_rate",
-    "data",
-    "initialization",
-    "saturation",
-    "recurrence",
-    "forward_numerics",
-    "precision",
-    "dead_units",
-    "unused",
-    "redundant_bias",
-    "unknown",
-)
+CAUSES: tuple[str, ...] = get_args(Cause)
 """Every cause a :class:`Finding` (or an alert's :attr:`Event.cause`) can name.
 
 * ``"learning_rate"``: the optimisation diverges: norms or loss grow over steps, no single bad
