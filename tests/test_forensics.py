@@ -55,7 +55,7 @@ def _overflowing_loss(model: nn.Module) -> torch.Tensor:
 
 
 def _first_inf_signal(model: nn.Sequential) -> str:
-    """Reference: the first Linear (in backward order) whose output gradient holds Inf."""
+    """Reference: the first module (in backward order) whose output gradient holds Inf."""
     outputs = {}
 
     def keep(name):
@@ -65,11 +65,7 @@ def _first_inf_signal(model: nn.Sequential) -> str:
 
         return hook
 
-    handles = [
-        m.register_forward_hook(keep(n))
-        for n, m in model.named_children()
-        if isinstance(m, nn.Linear)
-    ]
+    handles = [m.register_forward_hook(keep(n)) for n, m in model.named_children()]
     _overflowing_loss(model).backward()
     for handle in handles:
         handle.remove()
@@ -104,16 +100,15 @@ def test_anomaly_mode_misses_inf_in_backward_that_gradwatch_names() -> None:
     assert event.data["stage"] == "backward"
     assert event.data["first_signal"] == expected
     assert event.data["first_activation"] is None  # the forward pass was finite
-    assert (
-        f"from `{expected}`: the forward pass was finite; the gradient of `{expected}` (Linear)'s"
-        in (event.message)
+    kind = type(model[int(expected)]).__name__  # a ReLU's output gradient counts too
+    assert f"first non-finite backpropagated signal: gradient of `{expected}` ({kind})" in (
+        event.message
     )
+    assert "the loss was finite (1e+35): it became non-finite in backward" in event.message
     (finding,) = [f for f in findings if f.kind == "nonfinite"]
-    # At step 0 the signal grows x2.34 per layer until it overflows: the initialisation, named
-    # at the input end of the chain; never the learning rate (no update yet).
-    assert (finding.cause, finding.first_step) == ("initialization", 0)
-    assert "in backward" in finding.evidence
-    assert not any("learning rate" in r for r in finding.remedies)
+    assert finding.params == (event.data["first"],)
+    assert "became non-finite in backward" in finding.evidence
+    assert not any("learning rate" in r for r in finding.remedies)  # step 0: no update yet
 
 
 class LogLayer(nn.Module):
@@ -152,10 +147,10 @@ def test_forward_nan_names_the_first_module_whose_output_went_nan() -> None:
     assert event.step == 2
     assert event.data["stage"] == "forward"
     assert event.data["first_activation"] == "2"  # the LogLayer, not the Linears after it
-    assert "from `2`: the output of `2` (LogLayer) was the first to go non-finite" in (
+    assert "the loss was already nan: the forward pass produced it" in event.message
+    assert "first non-finite activation in forward order: output of `2` (LogLayer)" in (
         event.message
     )
-    assert event.cause == "forward_numerics"
 
 
 def test_nan_in_the_input_is_blamed_on_the_input() -> None:
@@ -253,12 +248,19 @@ def test_forensics_makes_no_host_reads_on_clean_steps() -> None:
     assert all(math.isfinite(v) for v in health.update_log)  # and the learning rate was known
 
 
+def _global_hooks() -> int:
+    return len(torch.nn.modules.module._global_forward_hooks)
+
+
 def test_close_removes_the_forensics_hooks() -> None:
     model = _log_model()
     before = [len(m._forward_hooks) for m in model.modules()]
+    hooks = _global_hooks()
     watch = gw.GradWatch(model, sinks=[], forensics=True)
-    assert sum(len(m._forward_hooks) for m in model.modules()) == sum(before) + 4
+    assert _global_hooks() == hooks + 1  # one global hook, nothing on the modules
+    assert [len(m._forward_hooks) for m in model.modules()] == before
     watch.close()
+    assert _global_hooks() == hooks
     assert [len(m._forward_hooks) for m in model.modules()] == before
 
 
@@ -274,9 +276,299 @@ def test_finite_outputs_with_an_overflowing_loss_blame_the_loss() -> None:
     (event,) = sink.events
     assert math.isinf(loss.item())
     assert event.data["stage"] == "forward" and event.data["first_activation"] is None
-    assert "from the loss: the loss was inf while every module's output was finite" in (
+    assert "every module's output was finite: the loss computation itself produced it" in (
         event.message
     )
     (finding,) = [f for f in findings if f.kind == "nonfinite"]
-    # The loss is where it showed; the huge outputs come from the 20-layer x2.34 chain at step 0.
-    assert finding.params[0] == "loss" and finding.cause == "initialization"
+    assert any("make the loss robust to large outputs" in r for r in finding.remedies)
+
+
+# --------------------------------------------------------------- every module, nothing stored
+
+
+def _train_step(watch: gw.GradWatch, model: nn.Module, x: torch.Tensor) -> None:
+    model.zero_grad()
+    loss = model(x).pow(2).mean()
+    with watch.backward(loss=loss):
+        loss.backward()
+
+
+def _first_activation(model: nn.Module, x: torch.Tensor) -> tuple[str | None, str | None]:
+    """What forensics names for one step: from the probe itself and from the watcher's record."""
+    sink = Events()
+    watch = gw.GradWatch(model, sinks=[sink], forensics=True)
+    acts = watch._probe.activations
+    probe = []
+    original = acts.capture
+    acts.capture = lambda *args: probe.append(original(*args)) or probe[-1]
+    _train_step(watch, model, x)
+    watch.flush()
+    first, _ = acts.first_nonfinite(probe[0])
+    named = None if first is None else (*acts.names, "<input>")[first]
+    (origin,) = watch.health_detector.report().nonfinite
+    watch.close()
+    assert sink.events[0].data["first_activation"] == origin.first_activation
+    return named, origin.first_activation
+
+
+class Log(nn.Module):
+    """``log`` of its input: parameter-free, -inf on a zero feature."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x)
+
+
+class Standardise(nn.Module):
+    """(x - mean) / std over the batch, without epsilon: NaN on a constant feature."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - x.mean(0)) / x.std(0)
+
+
+def test_a_parameter_free_module_that_makes_the_nan_is_named() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), Log(), nn.Linear(4, 4), nn.Linear(4, 1))
+    with torch.no_grad():
+        model[0].weight[1] = 0.0
+        model[0].bias[1] = 0.0  # feature 1 is exactly 0 after the ReLU: log gives -inf
+    assert _first_activation(model, torch.rand(8, 4)) == ("2", "2")  # not the next Linear
+
+
+def test_a_standardisation_without_epsilon_on_a_constant_feature_is_named() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), Standardise(), nn.Linear(4, 4), nn.Linear(4, 1))
+    x = torch.rand(8, 4)
+    with torch.no_grad():
+        model[0].weight[2] = 0.0  # feature 2 is the bias for every row: std 0, 0/0 = NaN
+    assert _first_activation(model, x) == ("1", "1")
+
+
+class LogRoot(nn.Module):
+    """The root's own forward makes the NaN: ``log`` of what its children computed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.log(self.features(x)))
+
+
+class LogBetween(nn.Module):
+    """A container whose own code (between two children) makes the NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.second = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.log(self.first(x)))
+
+
+def test_a_nan_made_by_the_roots_own_forward_blames_the_root() -> None:
+    torch.manual_seed(0)
+    model = LogRoot()
+    with torch.no_grad():
+        model.features[0].weight[0] = -1.0  # feature 0 is 0 after the ReLU: log gives -inf
+        model.features[0].bias[0] = 0.0
+    assert _first_activation(model, torch.rand(8, 4)) == ("LogRoot", "LogRoot")
+
+
+def test_a_nan_made_between_two_children_blames_their_parent() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), LogBetween(), nn.Linear(4, 1))
+    with torch.no_grad():
+        model[1].first.weight[3] = -1.0  # negative feature: log gives NaN
+        model[1].first.bias[3] = 0.0
+    assert _first_activation(model, torch.rand(8, 4)) == ("1", "1")  # not `1.second`
+
+
+def test_a_nan_in_the_input_is_not_blamed_on_the_root_that_passes_it_on() -> None:
+    torch.manual_seed(0)
+    model = LogRoot()
+    x = torch.rand(8, 4)
+    x[2, 0] = math.nan
+    assert _first_activation(model, x) == ("<input>", "<input>")
+
+
+def test_a_sequential_does_not_steal_the_blame_from_its_child() -> None:
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), Log())
+    model = nn.Sequential(nn.Sequential(inner), nn.Identity(), nn.Linear(4, 1))
+    with torch.no_grad():
+        inner[0].weight[1] = 0.0
+        inner[0].bias[1] = 0.0
+    named = _first_activation(model, torch.rand(8, 4))
+    assert named == ("0.0.2", "0.0.2")  # the Log, not the Sequentials that return its output
+
+
+def test_containers_returning_a_childs_output_share_its_record() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), nn.Identity())
+    watch = gw.GradWatch(model, sinks=[], forensics=True)
+    acts = watch._probe.activations
+    x = torch.rand(8, 4)
+    _train_step(watch, model, x)
+    watch.flush()
+    row = acts.read(acts._ring.written - 1)
+    watch.close()
+    names = dict(zip(acts.names, range(len(acts.names))))
+    assert acts.names == ("Sequential", "0", "0.0", "0.1", "1")
+    tanh = float(row.forward[names["0.1"]])
+    expected = torch.tanh(model[0][0](x)).abs().max().item()
+    assert tanh == pytest.approx(expected)
+    # The containers and the Identity return the Tanh's output: same value, recorded once.
+    assert [float(row.forward[names[n]]) for n in ("Sequential", "0", "1")] == [tanh] * 3
+    assert row.forward[-1] == pytest.approx(x.abs().max().item())  # the input
+    grads = [float(row.backward[names[n]]) for n in ("Sequential", "0", "0.1", "1")]
+    assert grads[0] > 0 and grads == [grads[0]] * 4  # the output gradient, shared
+
+
+class LogThroughIdentity(nn.Module):
+    """The container's own ``log`` passes through an ``nn.Identity`` child, then a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.wrap = nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+        self.second = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.act(self.wrap(torch.log(self.first(x)))))
+
+
+def test_an_identity_passing_its_parents_nan_on_is_not_blamed() -> None:
+    torch.manual_seed(0)
+    model = LogThroughIdentity()
+    with torch.no_grad():
+        model.first.weight[0] = -1.0  # negative feature: log gives NaN in the root's own code
+        model.first.bias[0] = 0.0
+    root = "LogThroughIdentity"
+    assert _first_activation(model, torch.rand(8, 4)) == (root, root)
+
+
+def test_an_in_place_activation_is_recorded_after_its_change() -> None:
+    torch.manual_seed(0)
+    model = LogThroughIdentity()
+    with torch.no_grad():
+        model.first.weight.abs_()
+        model.first.bias.abs_()  # positive outputs: log finite, of either sign
+    watch = gw.GradWatch(model, sinks=[], forensics=True)
+    acts = watch._probe.activations
+    x = torch.rand(8, 4)
+    _train_step(watch, model, x)
+    watch.flush()
+    row = acts.read(acts._ring.written - 1)
+    watch.close()
+    names = dict(zip(acts.names, range(len(acts.names))))
+    logged = torch.log(model.first(x))
+    assert float(row.forward[names["wrap"]]) == pytest.approx(logged.abs().max().item())
+    assert logged.min() < 0 < logged.max()  # the premise: the ReLU changes something
+    relu = logged.clamp(min=0).abs().max().item()
+    assert float(row.forward[names["act"]]) == pytest.approx(relu)  # after the in-place ReLU
+
+
+class WordModel(nn.Module):
+    """A model saved whole, as pytorch/examples' word_language_model does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"forensics": True}, {"forensics": True, "track_micro_batches": True}],
+    ids=["default", "forensics", "forensics+micro"],
+)
+def test_the_whole_model_saves_and_loads_weights_only_while_watched(tmp_path, options) -> None:
+    torch.manual_seed(0)
+    model = WordModel()
+    watch = gw.GradWatch(model, sinks=[], **options)
+    x = torch.rand(8, 4)
+    for _ in range(2):
+        _train_step(watch, model, x)
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    with torch.serialization.safe_globals([WordModel, nn.Sequential, nn.Linear, nn.Tanh]):
+        loaded = torch.load(path)  # weights_only=True: fails on any pickled hook
+    assert all(not m._forward_hooks for m in loaded.modules())
+    torch.testing.assert_close(loaded(x), model(x))
+    _train_step(watch, model, x)  # the watcher goes on
+    watch.close()
+    assert len(watch.history) == 3
+
+
+def test_other_models_are_neither_recorded_nor_changed() -> None:
+    torch.manual_seed(0)
+    model = _log_model()
+    other = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    watch = gw.GradWatch(model, sinks=[], forensics=True)
+    recorder = watch._probe.activations._recorder
+    x = torch.rand(8, 4)
+    expected = other(x)
+    out = other(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, expected)
+    assert recorder.forward.calls == [] and recorder.backward.calls == []  # nothing recorded
+    model(x).sum()
+    assert len(recorder.forward.calls) == 6  # the input, then the five children
+    watch.close()
+    model(x).sum()
+    assert len(recorder.take().forward_calls) == 0  # closed: the global hook is gone
+
+
+def test_a_dropped_watcher_removes_its_global_hook() -> None:
+    import gc
+    import weakref
+
+    model = _log_model()
+    hooks = _global_hooks()
+    watch = gw.GradWatch(model, sinks=[], forensics=True)
+    _train_step(watch, model, torch.rand(8, 4))
+    ref = weakref.ref(watch)
+    del watch
+    gc.collect()
+    assert ref() is None and _global_hooks() == hooks
+
+
+def test_forensics_on_a_deep_model_makes_no_host_reads() -> None:
+    """The same sync check as test_sync's, with forensics on, on a model with containers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Sequential(nn.Linear(8, 8), nn.Tanh()), LogBetween8(), nn.Identity(), nn.Linear(8, 1)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    watch = gw.GradWatch(model, sinks=[], forensics=True).attach(opt)
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            opt.zero_grad()
+            loss = model(torch.randn(8, 8)).pow(2).mean()
+            with watch.backward(loss=loss):
+                loss.backward()
+            opt.step()
+
+    steps(3)
+    with count_host_reads() as counts:
+        steps(40)
+    assert counts == dict.fromkeys(counts, 0), counts
+    watch.close()
+
+
+class LogBetween8(nn.Module):
+    """Math between two children that stays finite (softplus before log)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(8, 8)
+        self.second = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.log1p(nn.functional.softplus(self.first(x))))

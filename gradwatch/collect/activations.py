@@ -1,0 +1,448 @@
+"""Forensics: the largest activation and backpropagated signal of every module call, on device.
+
+:class:`ActivationProbe` sees every call of every module of one model (parameter-free ones,
+containers and the root included) through one *global* module forward hook
+(``torch.nn.modules.module.register_module_forward_hook``). A global hook leaves nothing on the
+model: ``torch.save(model)`` pickles a module's own ``_forward_hooks``, so per-module hooks made
+a saved model unloadable with ``weights_only=True``. The hook runs for every module call in the
+process; for a module of another model it is one dict lookup.
+
+For each call it records the max-abs of the output (forward order) and, through a pre-hook on
+the output's ``grad_fn``, the max-abs of the output's gradient (backward order), into reused
+device buffers reduced to one row per step. Two rules keep the record exact and cheap:
+
+* A call whose output *is* a tensor already recorded this step (a ``Sequential`` returning its
+  last child's output, an ``nn.Identity``) is not recorded again: the module takes that
+  record's value (an alias), and the first non-finite call stays the child that made it.
+* A call whose input is *not* a recorded tensor got it from its parent's own code (``x + f(x)``,
+  ``torch.log`` between two children): that input is recorded too, on behalf of the parent, so a
+  NaN made between children is blamed on the parent, not on the next child. At the root the
+  unrecorded input is the model's input.
+
+Nothing here reads a device value on the host during a step; :meth:`ActivationProbe.
+first_nonfinite` reads the per-call values, only for a step whose gradients are non-finite.
+The max-abs (infinity) norm is NaN- and Inf-propagating and cannot overflow.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
+
+from gradwatch.collect.params import WatchedParams
+from gradwatch.collect.ring import StatsRing
+from gradwatch.errors import ConfigTypeError
+
+__all__ = ["ActivationProbe", "ActivationRow", "Probe"]
+
+_MAX_CALLS = 1 << 16
+"""Module calls recorded per step at most (bounds memory if nobody checks)."""
+
+_grad_enabled = torch.is_grad_enabled
+_set_grad_enabled = torch._C._set_grad_enabled
+
+
+class Probe(NamedTuple):
+    """What :meth:`~gradwatch.collect.forensics.StepProbe.capture` took at one check.
+
+    Attributes:
+        lrs: Learning rate of each param group of the attached optimizer, or None.
+        weights: Row number of the latest weight-norm sample, or -1.
+        activations: Row number in the activation probe's buffer, or -1.
+        forward_calls: Module index of each forward record, in call order (``len(names)`` for
+            the model's input; a container's index for a value its own code made).
+        backward_calls: Module index of each backward signal, in arrival order.
+        forward_values: Max-abs of each forward record (device), read only if the step's
+            gradients turn out non-finite.
+        backward_values: Max-abs output gradient of each backward call (device), likewise.
+    """
+
+    lrs: tuple[float, ...] | None
+    weights: int
+    activations: int = -1
+    forward_calls: Sequence[int] = ()
+    backward_calls: Sequence[int] = ()
+    forward_values: Tensor | None = None
+    backward_values: Tensor | None = None
+
+
+class ActivationRow(NamedTuple):
+    """One step of an :class:`ActivationProbe`, on the host.
+
+    Attributes:
+        forward: Max-abs output of each module (and the input, last), -1 if not called.
+        backward: Max-abs gradient of each module's output, -1 if none arrived.
+    """
+
+    forward: np.ndarray
+    backward: np.ndarray
+
+
+class ActivationProbe:
+    """Max-abs activations and backpropagated signals of every module call of ``model``.
+
+    Every module of ``model.named_modules()`` is watched (the root named by its class name).
+    Forward passes run with gradients disabled (evaluation) are not recorded. A module called
+    several times in a step (an RNN cell over time, a shared layer, micro-batches) keeps the
+    largest value; the first non-finite value is located over the individual calls. The hook
+    is Python: meant for eager mode (under ``torch.compile`` it breaks the graph).
+
+    Args:
+        model: The module whose calls are recorded.
+        watched: The watched parameters (kept for the signature; every module is watched).
+        device: Device of the statistics.
+        dtype: Dtype of the statistics.
+        capacity: Rows kept until the host reads them.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        watched: WatchedParams,
+        device: torch.device,
+        dtype: torch.dtype,
+        capacity: int = 256,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigTypeError(
+                "forensics=True needs the model as an nn.Module (its module calls are "
+                f"recorded), got {type(model).__name__}"
+            )
+        modules = list(model.named_modules())
+        self.names = tuple(name or type(module).__name__ for name, module in modules)
+        self.types = tuple(type(module).__name__ for _, module in modules)
+        self.device = device
+        self.dtype = dtype
+        k = len(modules)
+        self._k = k
+        self._ring = StatsRing(2 * k + 2, capacity, device, dtype)  # and a scratch column
+        self._plans: dict[tuple[Any, ...], tuple[Tensor, ...]] = {}
+        self._recorder = _Recorder(_tree(modules), k, device, dtype)
+        # The global hook holds the recorder only: a dropped probe is collected and unhooks.
+        handle = torch_module.register_module_forward_hook(self._recorder)
+        self._finalizer = weakref.finalize(self, handle.remove)
+
+    # ---------------------------------------------------------------------- per step
+
+    def capture(self, lrs: tuple[float, ...] | None, weights: int) -> Probe:
+        """Reduce this step's recorded values into one device row; start the next step."""
+        taken = self._recorder.take()
+        forward_calls, backward_calls = taken.forward_calls, taken.backward_calls
+        ring = self._ring
+        number = -1
+        with torch.no_grad():
+            forward = _per_call(taken.forward, len(forward_calls))
+            backward = _per_call(taken.backward, len(backward_calls))
+            if ring.written - ring.read < ring.capacity:
+                number, slot = ring.claim()
+                self._reduce(taken, forward, backward, slot.norms)
+                ring.commit(number)
+        return Probe(lrs, weights, number, forward_calls, backward_calls, forward, backward)
+
+    def _reduce(self, taken: _Taken, forward: Tensor | None, backward: Tensor | None, row: Tensor):
+        """The largest value of each module over its calls into ``row``, -1 where none.
+
+        ``row`` is ``[forward (k modules, then the input) | backward (k) | scratch]``. Values a
+        container's code passed to a child go to the scratch column: the row holds outputs. A
+        module that returned a recorded tensor (an alias) takes that record's module's values,
+        forward and backward. Five kernels, with index tensors cached per pattern of calls.
+        """
+        plan = self._plan(taken)
+        row.fill_(-1.0)
+        if forward is not None:
+            row.scatter_reduce_(0, plan[0], forward.to(row.dtype), "amax")
+        if backward is not None:
+            row.scatter_reduce_(0, plan[1], backward.to(row.dtype), "amax")
+        if plan[2] is not None:
+            row.scatter_reduce_(0, plan[2], row.index_select(0, plan[3]), "amax")
+        if plan[4] is not None and forward is not None:  # an alias of a container's value
+            row.scatter_reduce_(0, plan[4], forward.index_select(0, plan[5]).to(row.dtype), "amax")
+
+    def _plan(self, taken: _Taken) -> tuple[Tensor | None, ...]:
+        """Index tensors for :meth:`_reduce`, cached per pattern of calls (it repeats)."""
+        forward, inputs, aliases = taken.forward_calls, taken.inputs, taken.aliases
+        key = (tuple(forward), tuple(sorted(inputs)), tuple(aliases), tuple(taken.backward_calls))
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        k = self._k
+        own = {c for c in inputs if forward[c] != k}  # values a container made, not outputs
+        lists: list[list[int] | None] = [
+            [2 * k + 1 if c in own else j for c, j in enumerate(forward)],
+            [k + 1 + j for j in taken.backward_calls],
+        ]
+        # An alias takes its source module's values (forward and backward) from the row...
+        pairs = {(j, forward[c]): None for j, c in aliases if c not in own and forward[c] != j}
+        back = [(j, s) for j, s in pairs if s < k]
+        lists += [[j for j, _ in pairs] + [k + 1 + j for j, _ in back]] if pairs else [None]
+        lists += [[s for _, s in pairs] + [k + 1 + s for _, s in back]] if pairs else [None]
+        # ... or, when it returned a value its container made, that call's value.
+        made = [(j, c) for j, c in aliases if c in own]
+        lists += [[j for j, _ in made], [c for _, c in made]] if made else [None, None]
+        if len(self._plans) >= 16:
+            self._plans.clear()
+        plan = tuple(
+            None
+            if values is None
+            else torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+            for values in lists
+        )
+        self._plans[key] = plan
+        return plan
+
+    def read(self, number: int) -> ActivationRow | None:
+        """The host copy of row ``number`` (waits for it on accelerators), or None if gone."""
+        ring = self._ring
+        if number < 0 or number < ring.written - ring.capacity:
+            return None
+        if not ring.ready(number):
+            ring.wait(number)
+        row, k = ring.host_row(number)[4:], self._k
+        return ActivationRow(row[: k + 1], row[k + 1 : 2 * k + 1])
+
+    @staticmethod
+    def first_nonfinite(probe: Probe) -> tuple[int | None, int | None]:
+        """Module index of the first non-finite call in forward and in backward order.
+
+        Reads the step's per-call values on the host: call it only for a step whose gradients
+        are non-finite (the one place where forensics waits for the device). Index
+        ``len(names)`` in forward order stands for the model's input.
+        """
+        return (
+            _first_bad(probe.forward_values, probe.forward_calls),
+            _first_bad(probe.backward_values, probe.backward_calls),
+        )
+
+    def release(self, number: int) -> None:
+        """Rows up to ``number`` were read: their space may be reused."""
+        self._ring.read = max(self._ring.read, number + 1)
+
+    def remove(self) -> None:
+        """Remove the global hook (idempotent)."""
+        self._finalizer()
+        self._recorder.take()
+
+
+class _Taken(NamedTuple):
+    """One step's records, handed over by :meth:`_Recorder.take`."""
+
+    forward: Tensor
+    forward_calls: list[int]
+    inputs: frozenset[int]
+    aliases: list[tuple[int, int]]
+    backward: Tensor
+    backward_calls: list[int]
+
+
+class _Recorder:
+    """The global forward hook: records this model's module calls, ignores every other module.
+
+    Holds no reference to the probe or the model (module ids only), so the hook registry keeps
+    neither alive.
+
+    Args:
+        tree: ``(id(module) -> index, index -> parent index)``; the root's parent is ``k``.
+        k: Number of modules (``k`` also stands for the model's input).
+        device: Device of the buffers.
+        dtype: Their dtype.
+    """
+
+    def __init__(
+        self, tree: tuple[dict[int, int], list[int]], k: int, device: torch.device, dtype: Any
+    ) -> None:
+        self.index, self.parents = tree
+        self.k = k
+        self.forward = _CallBuffer(device, dtype, 2 * (k + 1))
+        self.backward = _CallBuffer(device, dtype, 2 * (k + 1))
+        self._reset()
+        # One hook object per (module, output number), made once: none is allocated per call.
+        self._signals = [functools.partial(self._on_signal, j, 0) for j in range(k)]
+        self._other_signals: dict[tuple[int, int], Any] = {}
+
+    def _reset(self) -> None:
+        # id(tensor) -> (weak reference, version, position): what this step recorded.
+        self.seen: dict[int, tuple[weakref.ReferenceType[Tensor], int, int]] = {}
+        self.inputs: set[int] = set()  # positions of inputs recorded for a parent
+        self.pending: dict[int, list[int]] = {}  # parent -> positions of such inputs
+        self.aliases: list[tuple[int, int]] = []  # (module, position it returned)
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        # Runs at every module call in the process: a dict lookup for other models' modules;
+        # for this model's, a few attribute reads, one kernel and one hook (no allocation but
+        # the weak reference).
+        j = self.index.get(id(module))
+        if j is None or not _grad_enabled():
+            return  # another model's module, or an evaluation forward
+        forward, seen = self.forward, self.seen
+        if len(forward.calls) >= _MAX_CALLS:
+            return
+        out = output if type(output) is Tensor else _first_tensor(output)
+        x = args[0] if args and type(args[0]) is Tensor else _first_tensor(args)
+        if self.pending:
+            self._relabel(j, x)
+        if x is not None:
+            known = seen.get(id(x))
+            if known is None or known[0]() is not x:  # made by the parent's code, or the input
+                if x.is_floating_point():
+                    self._record_input(j, x)  # (an nn.Identity then aliases this record)
+            elif known[1] != x._version and x is not out:  # the parent changed it in place
+                self._record_input(j, x)
+        if out is None or not out.is_floating_point():
+            return
+        known = seen.get(id(out))
+        if known is not None and known[0]() is out and known[1] == out._version:
+            self.aliases.append((j, known[2]))  # returns a recorded tensor: same value
+            return
+        seen[id(out)] = (weakref.ref(out), out._version, len(forward.calls))
+        forward.record(j, out)
+        node = out.grad_fn
+        if node is not None:
+            # A pre-hook on the node that made the output receives the output's gradient; it is
+            # ~4x cheaper to register than Tensor.register_hook (no Python bookkeeping).
+            index = out.output_nr
+            node.register_prehook(self._signals[j] if index == 0 else self._signal(j, index))
+
+    def _record_input(self, j: int, x: Tensor) -> None:
+        """Record ``x``, which no recorded call returned, on behalf of ``j``'s parent."""
+        parent, position = self.parents[j], len(self.forward.calls)
+        self.seen[id(x)] = (weakref.ref(x), x._version, position)
+        self.forward.record(parent, x)
+        self.inputs.add(position)
+        if parent < self.k:
+            self.pending.setdefault(parent, []).append(position)
+
+    def _relabel(self, j: int, x: Tensor | None) -> None:
+        """Module ``j`` returned: inputs recorded for it that were its own input came from above."""
+        positions = self.pending.pop(j, None)
+        if not positions or x is None:
+            return
+        seen = self.seen.get(id(x))
+        if seen is None or seen[0]() is not x:
+            return
+        parent, calls = self.parents[j], self.forward.calls
+        for position in positions:
+            if position == seen[2]:
+                calls[position] = parent
+                if parent < self.k:
+                    self.pending.setdefault(parent, []).append(position)
+
+    def _signal(self, j: int, index: int) -> Any:
+        hook = self._other_signals.get((j, index))
+        if hook is None:
+            hook = self._other_signals[(j, index)] = functools.partial(self._on_signal, j, index)
+        return hook
+
+    def _on_signal(self, j: int, index: int, grad_outputs: tuple[Tensor | None, ...]) -> None:
+        grad = grad_outputs[index]
+        if grad is not None and len(self.backward.calls) < _MAX_CALLS:
+            self.backward.record(j, grad)
+        return None  # a pre-hook returning a value would replace the gradient
+
+    def take(self) -> _Taken:
+        """This step's records (views, to reduce before the next record); start the next step."""
+        forward, forward_calls = self.forward.take()
+        backward, backward_calls = self.backward.take()
+        taken = _Taken(
+            forward, forward_calls, frozenset(self.inputs), self.aliases, backward, backward_calls
+        )
+        self._reset()
+        return taken
+
+
+class _CallBuffer:
+    """The min and max of each recorded call, written by one kernel each into a reused buffer.
+
+    Writing into preallocated views (``aminmax(out=...)``) spares a per-call allocation and the
+    stacking of many small tensors at the end of the step.
+
+    Args:
+        device: Device of the buffer.
+        dtype: Its dtype; tensors of another dtype or device take a slower path (two copies).
+        calls: Initial capacity in calls (doubled when exceeded).
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, calls: int) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.calls: list[int] = []
+        self._allocate(calls)
+
+    def _allocate(self, calls: int) -> None:
+        self.capacity = calls
+        self.buffer = torch.zeros(2 * calls, device=self.device, dtype=self.dtype)
+        self._pairs = [(self.buffer[2 * i], self.buffer[2 * i + 1]) for i in range(calls)]
+
+    def record(self, j: int, t: Tensor) -> None:
+        """Record call ``j`` of this step: the min and max of ``t`` (NaN/Inf propagate)."""
+        c = len(self.calls)
+        if c >= self.capacity:
+            old = self.buffer
+            self._allocate(2 * self.capacity)
+            self.buffer[: old.numel()].copy_(old)
+        pair = self._pairs[c]
+        # Gradient mode off rather than t.detach(): half the cost of the call on CPU.
+        grad = _grad_enabled()
+        if grad:
+            _set_grad_enabled(False)
+        try:
+            # aminmax: one fast kernel (the infinity norm is ~10x slower on CPU)
+            if t.dtype is self.dtype and t.device == self.device:
+                torch.aminmax(t, out=pair)
+            else:
+                values = torch.aminmax(t)
+                pair[0].copy_(values[0], non_blocking=True)
+                pair[1].copy_(values[1], non_blocking=True)
+        finally:
+            if grad:
+                _set_grad_enabled(True)
+        self.calls.append(j)
+
+    def take(self) -> tuple[Tensor, list[int]]:
+        """This step's values (a view, to reduce before the next record) and calls."""
+        calls, self.calls = self.calls, []
+        return self.buffer[: 2 * len(calls)], calls
+
+
+def _tree(modules: list[tuple[str, nn.Module]]) -> tuple[dict[int, int], list[int]]:
+    """``id(module) -> index`` and each module's parent index (the root's is ``len(modules)``)."""
+    index = {id(module): j for j, (_, module) in enumerate(modules)}
+    parents = [len(modules)] * len(modules)
+    for j, (_, module) in enumerate(modules):
+        for child in module.children():
+            c = index.get(id(child))
+            if c is not None and c != 0 and parents[c] == len(modules):
+                parents[c] = j  # a module shared by two parents belongs to the first
+    return index, parents
+
+
+def _per_call(values: Tensor, n: int) -> Tensor | None:
+    """Max-abs of each call (a fresh tensor: kept, unread, in case the step goes bad)."""
+    return values.view(n, 2).abs().amax(dim=1) if n else None
+
+
+def _first_bad(values: Tensor | None, calls: Sequence[int]) -> int | None:
+    if values is None:
+        return None
+    finite = np.isfinite(values.detach().cpu().numpy())  # a non-finite step: a read is allowed
+    bad = np.flatnonzero(~finite)
+    return calls[int(bad[0])] if bad.size else None
+
+
+def _first_tensor(value: Any) -> Tensor | None:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            if isinstance(item, Tensor):
+                return item
+    return None
