@@ -114,8 +114,9 @@ class GradWatch:
         track_micro_batches: Record the gradient norm of each micro-batch's contribution (each
             :meth:`backward` scope) to find a bad micro-batch under gradient accumulation; costs
             a Python hook call per parameter per backward.
-        forensics: Hook the modules that own the watched parameters (``model`` must be an
-            ``nn.Module``) to record each one's largest activation in forward order and largest
+        forensics: Watch every module call of the model, parameter-free ones included, through
+            one global forward hook that stores nothing on the model (``model`` must be an
+            ``nn.Module``), to record each one's largest activation in forward order and largest
             backpropagated signal (gradient of its output) in backward order, on the device:
             names the first module whose output went NaN/Inf, and shows the signal's growth
             through depth in :meth:`diagnose`. No host sync per step; two small reductions and
