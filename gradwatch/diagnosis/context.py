@@ -126,6 +126,17 @@ class Run:
         weights = float(np.sqrt(np.nansum(w**2)))
         return float(f"{0.01 * weights / lr:.2g}") if weights > 0 else None
 
+    def bound_advice(self) -> tuple[str, float] | None:
+        """The remedy and ``max_norm`` of :meth:`update_bound`, for an unclipped run."""
+        bound = self.update_bound()
+        if bound is None or self.clipping.on:
+            return None
+        text = (
+            f"clip by norm: gradwatch.ClipNorm({bound:.3g}) keeps each step below 1% of the "
+            "weights' norm (no healthy step to set it from: the trouble began at the start)"
+        )
+        return text, bound
+
     def suggested_lr(self) -> float | None:
         """A learning rate that should hold: a tenth of the one the trouble started at.
 

@@ -53,13 +53,10 @@ def _advice(run: Run, cause: str, *, spikes: bool = False) -> tuple[list[str], d
     threshold = suggest_threshold(run.health)
     if run.unhealthy_from_start:
         threshold = None
-        bound = run.update_bound()
-        if bound is not None and not run.clipping.on:
-            remedies.append(
-                f"clip by norm: gradwatch.ClipNorm({bound:.3g}) keeps each step below 1% of the "
-                "weights' norm (no healthy step to set it from: the trouble began at the start)"
-            )
-            suggested["max_norm"] = bound
+        advice = run.bound_advice()
+        if advice is not None:
+            remedies.append(advice[0])
+            suggested["max_norm"] = advice[1]
     clips = cause in ("learning_rate", "data", "initialization", "recurrence") or spikes
     limit = run.clipping.max_norm
     lower = limit is not None and threshold is not None and threshold.value < limit

@@ -50,13 +50,10 @@ def explosion_finding(run: Run) -> list[Finding]:
         places = (str(cell),)
     remedies = list(REMEDIES[cause])
     suggested: dict[str, float] = {}
-    bound = run.update_bound()
-    if bound is not None and not run.clipping.on:
-        remedies.append(
-            f"meanwhile clip by norm: gradwatch.ClipNorm({bound:.3g}) keeps each step below 1% of "
-            "the weights' norm"
-        )
-        suggested["max_norm"] = bound
+    advice = run.bound_advice()
+    if advice is not None:
+        remedies.append(advice[0])
+        suggested["max_norm"] = advice[1]
     data: dict[str, float | str | None] = {"gradient_to_weight": depth.ratio}
     if depth.chain is not None:
         data.update(growth_per_layer=depth.chain.factor, growth=10**depth.chain.span)
