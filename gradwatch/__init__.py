@@ -2,38 +2,84 @@
 
 Per-parameter gradient norms, NaN/Inf detection with the parameter it started in, spike detection
 against the run's own history, clipping and step skipping, and reports people read.
+
+Importing the package is instant: each public name is imported from its module the first time it is
+used (PEP 562), so ``gradwatch --help`` and ``gradwatch --version`` never load torch, and
+``import gradwatch`` costs nothing until ``gradwatch.GradWatch`` (or any other name) is touched.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from gradwatch._version import __version__
-from gradwatch.act.adaptive import ClipPercentile, ClipUnitwise, ClipZScore
-from gradwatch.act.clip import ClipNorm, Clipper, ClipValue
-from gradwatch.detect.health import HealthDetector
-from gradwatch.detect.spikes import SpikeDetector
-from gradwatch.errors import (
-    ConfigError,
-    GradientSpikeError,
-    GradWatchError,
-    GradWatchWarning,
-    NonFiniteGradientError,
-    StateError,
-)
-from gradwatch.records import (
-    CAUSES,
-    Event,
-    Finding,
-    LayerSummary,
-    ParamNorms,
-    RunStart,
-    RunSummary,
-    StepReport,
-)
-from gradwatch.report.base import Sink
-from gradwatch.report.console import ConsoleSink
-from gradwatch.report.jsonl import JsonlSink, RunLogExistsError
-from gradwatch.report.logging import LoggingSink
-from gradwatch.report.runlog import RunLog, RunLogError, RunLogNotFoundError, read_run
-from gradwatch.report.tensorboard import TensorBoardSink
-from gradwatch.watch import GradWatch
+
+if TYPE_CHECKING:
+    from gradwatch.act.adaptive import ClipPercentile, ClipUnitwise, ClipZScore
+    from gradwatch.act.clip import ClipNorm, Clipper, ClipValue
+    from gradwatch.detect.health import HealthDetector
+    from gradwatch.detect.spikes import SpikeDetector
+    from gradwatch.errors import (
+        ConfigError,
+        GradientSpikeError,
+        GradWatchError,
+        GradWatchWarning,
+        NonFiniteGradientError,
+        StateError,
+    )
+    from gradwatch.records import (
+        CAUSES,
+        Event,
+        Finding,
+        LayerSummary,
+        ParamNorms,
+        RunStart,
+        RunSummary,
+        StepReport,
+    )
+    from gradwatch.report.base import Sink
+    from gradwatch.report.console import ConsoleSink
+    from gradwatch.report.jsonl import JsonlSink, RunLogExistsError
+    from gradwatch.report.logging import LoggingSink
+    from gradwatch.report.runlog import RunLog, RunLogError, RunLogNotFoundError, read_run
+    from gradwatch.report.tensorboard import TensorBoardSink
+    from gradwatch.watch import GradWatch
+
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "gradwatch.act.adaptive": ("ClipPercentile", "ClipUnitwise", "ClipZScore"),
+    "gradwatch.act.clip": ("ClipNorm", "Clipper", "ClipValue"),
+    "gradwatch.detect.health": ("HealthDetector",),
+    "gradwatch.detect.spikes": ("SpikeDetector",),
+    "gradwatch.errors": (
+        "ConfigError",
+        "GradientSpikeError",
+        "GradWatchError",
+        "GradWatchWarning",
+        "NonFiniteGradientError",
+        "StateError",
+    ),
+    "gradwatch.records": (
+        "CAUSES",
+        "Event",
+        "Finding",
+        "LayerSummary",
+        "ParamNorms",
+        "RunStart",
+        "RunSummary",
+        "StepReport",
+    ),
+    "gradwatch.report.base": ("Sink",),
+    "gradwatch.report.console": ("ConsoleSink",),
+    "gradwatch.report.jsonl": ("JsonlSink", "RunLogExistsError"),
+    "gradwatch.report.logging": ("LoggingSink",),
+    "gradwatch.report.runlog": ("RunLog", "RunLogError", "RunLogNotFoundError", "read_run"),
+    "gradwatch.report.tensorboard": ("TensorBoardSink",),
+    "gradwatch.watch": ("GradWatch",),
+}
+"""The module each public name lives in; :func:`__getattr__` imports it on first use."""
+
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
     "CAUSES",
@@ -71,3 +117,16 @@ __all__ = [
     "__version__",
     "read_run",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -240,3 +240,35 @@ def test_python_dash_m_entry_point(tmp_path):
     assert done.stdout == ""
     assert done.stderr.strip().count("\n") == 0
     assert "does not exist" in done.stderr
+
+
+_NO_TORCH = """
+import sys
+from gradwatch.cli import main
+for argv in (["--version"], ["--help"], ["report", "--help"]):
+    try:
+        main(argv)
+    except SystemExit as done:
+        assert done.code == 0, (argv, done.code)
+loaded = sorted(m for m in ("torch", "numpy", "rich", "matplotlib") if m in sys.modules)
+assert not loaded, loaded
+"""
+
+
+def test_help_and_version_import_neither_torch_nor_numpy():
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"gradwatch {gw.__version__}" in done.stdout
+    assert "usage: gradwatch report" in done.stdout
+
+
+def test_lazy_package_still_exports_every_name():
+    namespace: dict[str, object] = {}
+    exec("from gradwatch import *", namespace)
+    assert {n for n in namespace if not n.startswith("__")} | {"__version__"} == set(gw.__all__)
+    assert namespace["GradWatch"] is gw.GradWatch and namespace["read_run"] is gw.read_run
+    assert set(gw.__all__) <= set(dir(gw))
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        gw.Nope  # noqa: B018
