@@ -50,7 +50,9 @@ __all__ = [
     "scenario",
 ]
 
-ALARMS = frozenset({"nonfinite", "loss_nonfinite", "spike", "loss_spike", "dead", "unused"})
+ALARMS = frozenset(
+    {"exploding", "nonfinite", "loss_nonfinite", "spike", "loss_spike", "dead", "unused"}
+)
 """Event kinds that tell a person something is wrong (``"skip"`` is an action, not an alarm)."""
 
 # ------------------------------------------------------------------------------ the harness
@@ -926,7 +928,7 @@ def _data_nan_input(run: Run) -> None:
     g = _gen(17)
     model = _small_cnn(width=8)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    watch = run.watch(model, opt)
+    watch = run.watch(model, opt, forensics=True)
     for step in range(30):
         x, y = _bars(24, g)
         if step == 17:
@@ -1207,7 +1209,7 @@ def _module_log(run: Run) -> None:
     model.add_module("head", nn.Linear(24, 3))
     steps, handle = _watch_module(run, model.logf, "logf")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    watch = run.watch(model, opt)
+    watch = run.watch(model, opt, forensics=True)
     for step in range(15):
         steps["now"] = step
         x, y = torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)
@@ -1246,7 +1248,7 @@ def _module_standardize(run: Run) -> None:
     model.add_module("head", nn.Linear(8, 4))
     steps, handle = _watch_module(run, features.norm, "norm")
     opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
-    watch = run.watch(model, opt)
+    watch = run.watch(model, opt, forensics=True)
     for step in range(40):
         steps["now"] = step
         x, y = _bars(16, g)

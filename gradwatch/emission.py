@@ -134,6 +134,7 @@ class Emission:
         self.clip = clip
         self._last_alert = -LIVE_GAP - 1  # step of the last alert (incidents start after calm)
         self._live_causes = 0
+        self._nonfinite_told = False  # the run's first NaN/Inf states its cause, even mid-incident
         self._depth_checked = False  # the first step's depth profile was looked at
         self._dead_told: set[str] = set()  # layers and parameters already reported dead/unused
         self._pending: dict[int, Pending] = {}
@@ -294,7 +295,10 @@ class Emission:
                 self.sinks.write(event)
         if needs_events(report):
             cause = None
-            if report.step - self._last_alert > LIVE_GAP and self._live_causes < LIVE_CAUSES:
+            first_nonfinite = not self._nonfinite_told and _nonfinite(report)
+            self._nonfinite_told = self._nonfinite_told or first_nonfinite
+            calm = report.step - self._last_alert > LIVE_GAP
+            if (calm or first_nonfinite) and self._live_causes < LIVE_CAUSES:
                 self._live_causes += 1
                 cause = probable_cause(self.health_detector.report(), clip=self.clip)
             self._last_alert = report.step
@@ -338,6 +342,12 @@ class Emission:
         )
         data = {"gradient_to_weight": depth.ratio}
         return Event(step, "exploding", message, depth.params, data, cause)
+
+
+def _nonfinite(report: StepReport) -> bool:
+    """The step's gradients or loss were NaN/Inf."""
+    loss_bad = report.loss is not None and not math.isfinite(report.loss)
+    return bool(report.nonfinite) or loss_bad or not math.isfinite(report.global_norm)
 
 
 def _dead_check_due(steps: int, health: HealthDetector) -> bool:

@@ -547,3 +547,29 @@ def test_spike_episodes_blame_the_learning_rate_only_on_evidence(records, cause,
     (episode,) = episodes(records)
     assert episode.cause == cause
     assert reason in episode.reason
+
+
+@pytest.mark.parametrize("forensics", [False, True])
+def test_a_forward_nan_never_names_its_first_victim(forensics: bool) -> None:
+    """A NaN in one input batch reaches the output layer's parameters first in backward: they
+    are victims. Without forensics the place is unknown (and the evidence says how to learn it);
+    with forensics it is the input."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+    batches = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(20)]
+    batches[12][0][2, 1] = float("nan")
+    sink = Events()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    watch = train(model, batches, opt, sinks=[sink], forensics=forensics)
+    finding = next(f for f in watch.diagnose() if f.kind == "nonfinite")
+    assert finding.cause == "data"
+    assert finding.first_step == 12
+    event = next(e for e in sink.events if e.kind == "nonfinite")
+    assert event.cause == "data"
+    if forensics:
+        assert finding.params[:1] == ("input",)
+        assert "from the input" in event.message
+    else:
+        assert finding.params == ()
+        assert "forensics=True" in finding.evidence
+        assert "from the forward pass" in event.message

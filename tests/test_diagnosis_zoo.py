@@ -24,12 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import diagnosis_zoo as zoo
 
 KNOWN_WRONG = {
-    "init_mlp12_std2.2": "names the output layer: no bias chain reaches x30, weight gradients are "
-    "flat through depth, and the largest first-step ratio is the head's",
-    "data_nan_input_cnn": "cause right (data), but 'input' needs the model's input watched: only "
-    "forensics=True records it",
-    "module_log_of_zero": "parameter-free modules are not hooked yet: the next Linear is named",
-    "module_standardize_no_eps": "parameter-free modules are not hooked yet",
     "amp_fp16_scaler_always_skips": "cause right (precision), but no place: the scaler's skips "
     "carry no module",
     "saturation_sigmoid_cnn8": "vanishing is found, but the sigmoids are not seen as the cause",

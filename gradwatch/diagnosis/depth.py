@@ -49,7 +49,7 @@ class Chain(NamedTuple):
     values: np.ndarray  # log10, in member order
     factor: float  # median per-layer ratio, towards the input
     agree: float  # fraction of per-layer ratios on the same side of 1 as the factor
-    span: float  # log10 change from the loss end to the input end
+    span: float  # log10 change from the loss end to the input end, at the median rate
 
     @property
     def through(self) -> str:
@@ -85,7 +85,7 @@ def chains(
                 chain_values,
                 10.0**median,
                 agree,
-                float(chain_values[-1] - chain_values[0]),
+                median * len(steps),
             )
         )
     return found

@@ -44,8 +44,9 @@ def shape(dims: tuple[int, ...]) -> str:
 def where(origin: NonFiniteOrigin) -> tuple[str, str]:
     """The place a step's NaN/Inf came from, as ``(name, clause)``.
 
-    The name is what a finding's ``params`` starts with: ``"input"``, a module, ``"loss"``, or
-    the first non-finite parameter when nothing finer is known.
+    The name is what a finding's ``params`` starts with: ``"input"``, a module, ``"loss"``, the
+    first non-finite parameter of a finite forward pass, or ``""`` when the forward pass made it
+    but forensics is off (the first parameter reached is then a victim, not the source).
     """
     if origin.first_activation == INPUT:
         return "input", "the model's input already held NaN/Inf"
@@ -74,10 +75,11 @@ def where(origin: NonFiniteOrigin) -> tuple[str, str]:
         )
     what = "NaN" if origin.value == "NaN" else "Inf"
     at = f"`{origin.param}` ({origin.module_type} `{origin.module}`, shape {shape(origin.shape)})"
-    if loss_bad:
+    if loss_bad:  # the forward pass made it; the first parameter reached is only a victim
         return (
-            origin.param or "",
-            f"the loss was already {num(origin.loss)}; {what} first reached {at}",
+            "",
+            f"the loss was already {num(origin.loss)}, so the forward pass made it ({what} "
+            f"then reached {at} first in backward); forensics=True names the module",
         )
     if origin.stage == "backward":
         return (
