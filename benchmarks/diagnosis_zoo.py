@@ -1368,7 +1368,7 @@ def _amp_skips(run: Run) -> None:
     model = _AmpNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu")
-    watch = run.watch(model, opt, scaler=scaler)
+    watch = run.watch(model, opt, scaler=scaler, forensics=True)
     skipped = 0
     for step in range(20):
         x = 65535.0 * torch.rand(32, 20, generator=g)  # raw uint16 readings, never normalised
@@ -1702,6 +1702,74 @@ class _SigmoidCNN(nn.Module):
         for conv in self.convs:
             x = torch.sigmoid(conv(x))
         return self.head(x.mean(dim=(2, 3)))
+
+
+@scenario(
+    "init_vanishing_relu_mlp10",
+    "initialization",
+    {"0", "0.weight", "0.bias"},
+    "MLP 10x64",
+    "AdamW",
+    fast=True,
+    what="10-layer ReLU MLP, torch's default weights scaled by 0.5: the gradient vanishes "
+    "towards layer 0 through the weights, not the activations",
+    check=_check_vanishing(1e-4),
+)
+def _init_vanishing(run: Run) -> None:
+    g = _gen(14)
+    model = _mlp([16] + [64] * 9 + [3])
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(0.5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    watch = run.watch(model, opt)
+    centers = torch.randn(3, 16, generator=g)
+    for _ in range(30):
+        y = torch.randint(0, 3, (32,), generator=g)
+        x = centers[y] + 0.5 * torch.randn(32, 16, generator=g)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        with watch.backward(loss=loss):
+            loss.backward()
+        _layer_grad_norms(model, run.trace.extra)
+        run.record(loss, model)
+        opt.step()
+    watch.close()
+
+
+@scenario(
+    "saturation_tanh_mlp10_large_bias",
+    "saturation",
+    {"0", "0.weight", "0.bias", "2", "2.weight", "2.bias"},
+    "MLP 10 tanh",
+    "momentum",
+    fast=True,
+    what="10-layer tanh MLP, biases N(0, 3^2): most units sit near ±1 where tanh is flat, the "
+    "gradient vanishes although the weights pass it back x1",
+    check=_check_vanishing(1e-3),
+)
+def _sat_tanh(run: Run) -> None:
+    g = _gen(15)
+    model = _mlp([16] + [64] * 9 + [3], nn.Tanh)
+    for m in model:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=1.0 / math.sqrt(m.in_features))
+            nn.init.normal_(m.bias, std=3.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    watch = run.watch(model, opt)
+    centers = torch.randn(3, 16, generator=g)
+    for _ in range(30):
+        y = torch.randint(0, 3, (32,), generator=g)
+        x = centers[y] + 0.5 * torch.randn(32, 16, generator=g)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        with watch.backward(loss=loss):
+            loss.backward()
+        _layer_grad_norms(model, run.trace.extra)
+        run.record(loss, model)
+        opt.step()
+    watch.close()
 
 
 # ------------------------------------------------------------------------------ redundant bias

@@ -56,7 +56,10 @@ def step_events(
     events = []
     taken = _TAKEN.get(action or "", "")
     scaler = (report.skip_reason or "").startswith("GradScaler")
-    if report.nonfinite and scaler:  # its normal loss-scale backoff: a skip, not an alarm
+    hopeless = _scaler_cannot_help(report) if scaler else ""
+    if hopeless:
+        taken = f"GradScaler skipped the step, but a lower loss scale cannot help: {hopeless}"
+    if report.nonfinite and scaler and not hopeless:  # its loss-scale backoff: not an alarm
         message = (
             f"step {report.step}: GradScaler skipped the step: float16 gradients overflowed at "
             f"loss scale {fmt(report.scale)}; it lowers the scale and goes on"
@@ -89,6 +92,20 @@ def step_events(
         message = f"{first.message}; probable cause: {cause.replace('_', ' ')}"
         events[0] = Event(first.step, first.kind, message, first.params, first.data, cause)
     return events
+
+
+def _scaler_cannot_help(report: StepReport) -> str:
+    """Why a GradScaler skip is not its normal loss-scale backoff, or ``""`` when it is.
+
+    The scaler overflows on purpose while it calibrates; but a loss already NaN/Inf before
+    scaling, or an overflow at a scale below 1 (gradients smaller than their true size), is in
+    the values themselves.
+    """
+    if report.loss is not None and not math.isfinite(report.loss):
+        return f"the loss itself is {fmt(report.loss)}"
+    if report.scale is not None and report.scale < 1.0:
+        return f"the scale is already {fmt(report.scale)}, below 1"
+    return ""
 
 
 def _source(origin: NonFiniteOrigin, place: str) -> str:

@@ -23,11 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import diagnosis_zoo as zoo
 
-KNOWN_WRONG = {
-    "amp_fp16_scaler_always_skips": "cause right (precision), but no place: the scaler's skips "
-    "carry no module",
-    "saturation_sigmoid_cnn8": "vanishing is found, but the sigmoids are not seen as the cause",
-}
+KNOWN_WRONG: dict[str, str] = {}
 """Scenarios the diagnosis still gets wrong, and why: strict, so a fix must remove its line."""
 FAST = [sc for sc in zoo.SCENARIOS if sc.fast]
 FAST_JUDGED = [

@@ -184,6 +184,9 @@ class HealthDetector:
             dtypes=self.dtypes,
             model_modules=self.model_modules,
             first_step=self.first_step,
+            last_step=int(incidents.trajectory.recent[-1][0])
+            if incidents.trajectory.recent
+            else None,
             first_norms=self.first_norms.copy(),
             first_weights=self.first_weights.copy(),
             first_signal=self.first_signal.copy(),

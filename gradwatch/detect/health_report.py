@@ -95,6 +95,9 @@ class SpikeRecord(NamedTuple):
             with fewer than 10 healthy steps.
         lr_change: Learning rate of the previous step over the one 20 steps before it; None
             when no optimizer is attached.
+        carried: The share of the rise from the healthy level that the spike's own step
+            carried (log scale): ≈1 when it came out of steady steps in one step, small when
+            the steps before it were already rising. None when unknown.
     """
 
     step: int
@@ -103,6 +106,7 @@ class SpikeRecord(NamedTuple):
     params: tuple[str, ...]
     rise: float | None = None
     lr_change: float | None = None
+    carried: float | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,7 @@ class HealthReport:
         model_modules: ``(name, class name)`` of every module of the model, in
             ``named_modules()`` order (empty when the watcher was given bare parameters).
         first_step: The first step that had gradients (None before any).
+        last_step: The latest step seen (None before any).
         first_norms: Every parameter's gradient norm at that step (NaN where missing).
         first_weights: Every parameter's norm at that step (NaN when not sampled).
         first_signal: Forensics: each hooked module's max-abs output gradient at that step.
@@ -211,6 +216,7 @@ class HealthReport:
     dtypes: tuple[str, ...] = ()
     model_modules: tuple[tuple[str, str], ...] = ()
     first_step: int | None = None
+    last_step: int | None = None
     first_norms: np.ndarray = field(default_factory=lambda: np.zeros(0))
     first_weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
     first_signal: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -234,7 +240,7 @@ def _maybe(value: Any) -> float | None:
 
 def spike_from_state(values: Sequence[Any]) -> SpikeRecord:
     """A :class:`SpikeRecord` from its ``state_dict`` form (a list; older states lack context)."""
-    rise, lr_change = [*values[4:6], None, None][:2]
+    rise, lr_change, carried = [*values[4:7], None, None, None][:3]
     return SpikeRecord(
         int(values[0]),
         float(values[1]),
@@ -242,6 +248,7 @@ def spike_from_state(values: Sequence[Any]) -> SpikeRecord:
         tuple(values[3]),
         _maybe(rise),
         _maybe(lr_change),
+        _maybe(carried),
     )
 
 

@@ -96,6 +96,7 @@ class IncidentLog:
         self._lrs: deque[tuple[int, float]] = deque(maxlen=WINDOW + 1)
         # (first step, its ratio, latest step) of the current episode of spikes
         self._last_spike: tuple[int, float, int] | None = None
+        self._previous: float | None = None  # the previous step's norm, when it was healthy
         self._last_loss_spike: tuple[int, float, int] | None = None
 
     def update(self, report: StepReport, probe: Any, has_grads: bool) -> NonFiniteOrigin | None:
@@ -129,16 +130,21 @@ class IncidentLog:
         if report.clipped:
             self.clipped_steps += 1
         if report.spike:
-            ratio = global_norm / _median(self._recent_norms)
+            level = _median(self._recent_norms)
+            ratio = global_norm / level
             self._last_spike = _episode(self._last_spike, step, ratio)
             self.spike_count += 1
             self.spikes_clipped += report.clipped
             self.spike_params.update(report.spike_params)
             if len(self.spikes) < KEEP:
-                record = SpikeRecord(step, global_norm, ratio, report.spike_params, rise, lr_change)
+                carried = _carried(global_norm, level, self._previous)
+                record = SpikeRecord(
+                    step, global_norm, ratio, report.spike_params, rise, lr_change, carried
+                )
                 self.spikes.append(record)
         elif finite and has_grads:
             self._recent_norms.append(global_norm)
+        self._previous = global_norm if finite and has_grads and not report.spike else None
         if report.loss_spike and loss is not None:
             ratio = loss / _median(self._recent_losses)
             self._last_loss_spike = _episode(self._last_loss_spike, step, ratio)
@@ -318,6 +324,13 @@ class IncidentLog:
         self._scaler_settled = bool(state.get("scaler_settled", False))
         self.min_scale = float(state.get("min_scale", math.inf))
         self.trajectory.load_state_dict(state)
+
+
+def _carried(value: float, level: float, previous: float | None) -> float | None:
+    """The share of the rise from ``level`` to ``value`` made by the last step (log scale)."""
+    if previous is None or not (previous > 0 and level > 0 and value > level):
+        return None
+    return float(np.clip(math.log(value / previous) / math.log(value / level), 0.0, 1.0))
 
 
 def _median(values: Sequence[float]) -> float:

@@ -33,6 +33,7 @@ __all__ = [
     "rms_log",
     "saturating",
     "signal_chains",
+    "weight_gain",
 ]
 
 _NORMS_CANCELLING_BIAS = ("BatchNorm", "InstanceNorm", "SyncBatchNorm")
@@ -157,6 +158,26 @@ def gradient_to_weight(health: HealthReport) -> tuple[float, str] | None:
         return None
     layer = max(ratios, key=ratios.__getitem__)
     return ratios[layer], layer
+
+
+def weight_gain(health: HealthReport, layers: Sequence[str]) -> float | None:
+    """How much of the gradient the layers' weights pass back, per layer (median), at the start.
+
+    Backward through a layer multiplies the signal by ``Wᵀ``: for weights of random sign its
+    norm changes by ``‖W‖ / √fan_out`` (a convolution's output channels). The rest of a per-layer
+    decay is the activation's derivative: ≈0.71 for ReLU, ≤1 for tanh, ≤0.25 for a sigmoid. None
+    when no layer of ``layers`` has a matrix-shaped weight sampled at the first step.
+    """
+    index = {name: i for i, name in enumerate(health.names)}
+    gains = []
+    for layer in dict.fromkeys(layers):
+        i = index.get(f"{layer}.weight" if layer else "weight")
+        if i is None or len(health.shapes[i]) < 2 or i >= health.first_weights.size:
+            continue
+        w = float(health.first_weights[i])
+        if math.isfinite(w) and w > 0:
+            gains.append(w / math.sqrt(health.shapes[i][0]))
+    return float(np.median(gains)) if gains else None
 
 
 def recurrent_types(types: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -6,8 +6,9 @@ optimisation itself was going unstable:
 
 * the healthy gradient norm was rising before it (``rise`` >= :data:`RISE`), or
 * its spikes grow (its largest is :data:`GROW` times its first, and comes later), or
-* it lasts more than one step and the learning rate rose :data:`LR_RISE` times or more in the 20
-  steps before it (a warm-up or a schedule step).
+* it lasts more than one step (or is still open, and the steps before its first spike were
+  rising) and the learning rate rose :data:`LR_RISE` times or more in the 20 steps before it (a
+  warm-up or a schedule step).
 
 Otherwise it points at the **data**: a spike out of steady gradients that is its episode's largest
 is one bad batch (an outlier, a corrupt record, a unit error) and at most the aftermath of the
@@ -23,12 +24,15 @@ from typing import Literal, NamedTuple
 from gradwatch.detect.health_report import SpikeRecord
 from gradwatch.detect.incidents import GAP
 
-__all__ = ["GAP", "GROW", "LR_RISE", "RISE", "Episode", "episodes"]
+__all__ = ["GAP", "GROW", "LR_RISE", "OPEN_CARRIED", "RISE", "Episode", "episodes"]
 
 RISE = 2.0
 """A healthy gradient norm this many times higher than 20 healthy steps before was growing."""
 GROW = 2.0
 """An episode whose largest spike is this many times its first (and later) grows."""
+OPEN_CARRIED = 0.8
+"""Under a rising learning rate, an open episode's first spike whose step made less than this
+share of its rise is taken for the start of growth."""
 LR_RISE = 1.5
 """A learning rate this many times higher than 20 steps before changed recently."""
 
@@ -59,7 +63,11 @@ class Episode(NamedTuple):
 
 
 def episodes(
-    records: Sequence[SpikeRecord], *, gap: int = GAP, what: str = "gradient norm"
+    records: Sequence[SpikeRecord],
+    *,
+    gap: int = GAP,
+    what: str = "gradient norm",
+    latest: int | None = None,
 ) -> list[Episode]:
     """Group spikes (in step order) into episodes and tell what each points at.
 
@@ -67,6 +75,8 @@ def episodes(
         records: The spikes, in step order.
         gap: Spikes at most this many steps apart belong to one episode.
         what: What spiked, for the reasons (``"gradient norm"``, ``"loss"``).
+        latest: The latest step seen: an episode ending there is still open (a live alert
+            cannot know yet whether the next step falls back).
     """
     groups: list[list[SpikeRecord]] = []
     for record in records:
@@ -74,10 +84,10 @@ def episodes(
             groups[-1].append(record)
         else:
             groups.append([record])
-    return [_classify(tuple(group), what) for group in groups]
+    return [_classify(tuple(g), what, latest is not None and g[-1].step >= latest) for g in groups]
 
 
-def _classify(records: tuple[SpikeRecord, ...], what: str) -> Episode:
+def _classify(records: tuple[SpikeRecord, ...], what: str, open_: bool) -> Episode:
     first = records[0]
     peak = max(records, key=lambda r: r.value)
     rise, lr_change = first.rise, first.lr_change
@@ -93,10 +103,16 @@ def _classify(records: tuple[SpikeRecord, ...], what: str) -> Episode:
             f"{peak.value:.3g} at step {peak.step}"
         )
         return Episode(records, "learning_rate", reason)
-    if len(records) > 1 and lr_change is not None and lr_change >= LR_RISE:
+    # Under a rising learning rate, several spikes point at it; so does the first, while its
+    # episode is open, when the steps before it were rising too.
+    carried = first.carried if first.carried is not None else 1.0
+    lasting = len(records) > 1 or (open_ and carried < OPEN_CARRIED)
+    if lasting and lr_change is not None and lr_change >= LR_RISE:
+        spikes = "spikes at steps" if len(records) > 1 else "spike at step"
+        last = f"-{records[-1].step}" if len(records) > 1 else ""
         reason = (
-            f"the learning rate rose ×{lr_change:.2g} in the 20 steps before the spikes at "
-            f"steps {first.step}-{records[-1].step}"
+            f"the learning rate rose ×{lr_change:.2g} in the 20 steps before the {spikes} "
+            f"{first.step}{last}"
         )
         return Episode(records, "learning_rate", reason)
     steady = " out of steady gradients" if rise is not None else ""

@@ -187,7 +187,7 @@ def spike_finding(run: Run) -> list[Finding]:
     top = max(kept, key=lambda s: s.ratio if math.isfinite(s.ratio) else math.inf)
     culprits = sorted(h.spike_params, key=lambda n: -h.spike_params[n])[:3]
     period = _period([s.step for s in kept])
-    eps = episodes(kept)
+    eps = episodes(kept, latest=h.last_step)
     cause, reason = _episodes_cause(run, eps)
     evidence = (
         f"{plural(h.spike_count, 'gradient-norm spike')} flagged (first at step {kept[0].step}"
@@ -294,7 +294,8 @@ def loss_spike_finding(run: Run) -> list[Finding]:
         f"the loss spiked at {plural(h.loss_spike_count, 'step')} (first at step "
         f"{kept[0].step}), up to{size} (step {top.step}: loss {num(top.value)})"
     )
-    cause, reason = _episodes_cause(run, episodes(h.spikes) or episodes(kept, what="loss"))
+    eps = episodes(h.spikes, latest=h.last_step)
+    cause, reason = _episodes_cause(run, eps or episodes(kept, what="loss", latest=h.last_step))
     evidence += f"; {reason}"
     remedies, suggested = _advice(run, cause, spikes=True)
     return [
@@ -319,22 +320,29 @@ def scaler_finding(run: Run) -> list[Finding]:
         return []
     share = h.scaler_skips / max(h.steps, 1)
     late = h.scaler_late_skips / max(h.steps, 1)
-    trouble = h.min_scale < 1.0 or (h.steps >= 50 and late > 0.05)
+    # A scale below 1, or a loss already NaN/Inf before scaling: no scale can fix the values.
+    loss_bad = any(o.loss is not None and not math.isfinite(o.loss) for o in h.nonfinite)
+    trouble = h.min_scale < 1.0 or loss_bad or (h.steps >= 50 and late > 0.05)
     evidence = (
         f"GradScaler skipped {plural(h.scaler_skips, 'step')} of {h.steps} ({share:.0%}) because "
-        f"float16 gradients overflowed; the loss scale went down to {num(h.min_scale)}"
+        f"its gradients held Inf/NaN; the loss scale went down to {num(h.min_scale)}"
     )
+    places: tuple[str, ...] = ()
     if not trouble:
         evidence += ": its normal calibration of the loss scale"
+    elif h.nonfinite:  # where the overflow starts: a module's output, or the first gradient
+        place, clause = where(h.nonfinite[0])
+        places = (place,) if place else ()
+        evidence += f"; at step {h.nonfinite[0].step}, {clause}"
     return [
         Finding(
             "nonfinite",
-            (),
+            places,
             evidence,
             REMEDIES["precision"] if trouble else (),
             {},
             cause="precision",
-            severity="warning" if trouble else "info",
+            severity=("error" if share >= 0.5 else "warning") if trouble else "info",
             first_step=h.nonfinite[0].step if h.nonfinite else None,
             data={
                 "scaler_skips": h.scaler_skips,

@@ -23,6 +23,7 @@ from gradwatch.diagnosis.depth import (
     recurrent_types,
     saturating,
     signal_chains,
+    weight_gain,
 )
 from gradwatch.diagnosis.incident import recurrent_place
 from gradwatch.diagnosis.remedies import REMEDIES
@@ -33,6 +34,9 @@ __all__ = ["bias_before_norm_finding", "dead_findings", "explosion_finding", "va
 
 _FLOAT32_RESOLUTION = 2.0**-24
 """A relative change smaller than this does not change a float32 weight."""
+_RELU_PASS = 0.71
+"""What ReLU passes of the gradient back per layer (√½); an unsaturated tanh passes ≈1, a sigmoid
+at most 0.25. Activations passing less than this, and less than the weights do, saturate."""
 
 
 def explosion_finding(run: Run) -> list[Finding]:
@@ -139,8 +143,27 @@ def vanishing_finding(
             )
     plain, gated = recurrent_types(list(h.types))
     squashing = saturating(h)
+    split = _decay_split(h, hits)
+    if split is not None:
+        data.update(weight_gain=split[0], activation_gain=split[1])
     if plain or gated:
         cause = "recurrence"
+    elif split is not None:
+        gain, through = split
+        saturated = through < min(gain, _RELU_PASS)
+        cause = "saturation" if saturated else "initialization"
+        parts.append(
+            f"per layer, the weights pass {times(gain)} of the gradient back (their scale) and "
+            f"the activations {times(through)}: "
+            + (
+                "the activations lose more than the weights and than ReLU would (×0.71): they "
+                "saturate"
+                if saturated
+                else "the weights are too small for the depth"
+            )
+        )
+        if saturated and squashing:
+            parts[-1] += f"; the model uses {', '.join(squashing)}"
     elif squashing:
         cause = "saturation"
         parts.append(f"the model uses {', '.join(squashing)}, which saturate")
@@ -169,6 +192,22 @@ def vanishing_finding(
             data=data,
         )
     ]
+
+
+def _decay_split(h, hits: list) -> tuple[float, float] | None:
+    """A vanishing chain's per-layer decay as (weights' share, activations' share).
+
+    The bias chain is read when there is one: a bias's gradient is the signal itself, while a
+    weight's is the signal times the layer's input, which shrinks or grows on its own.
+    """
+    if not hits:
+        return None
+    biases = [c for c in hits if c.label.endswith("bias")]
+    chain = min(biases or hits, key=lambda c: c.span)
+    gain = weight_gain(h, chain.layers)
+    if gain is None:
+        return None
+    return gain, chain.factor / gain
 
 
 def dead_findings(run: Run) -> list[Finding]:

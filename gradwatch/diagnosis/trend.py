@@ -29,6 +29,8 @@ _JUMP_SHARE = 0.6
 """A rise is a jump when one step carries at least this share of it (in log scale)."""
 _STEADY = 5
 """Steps of history a jump needs before it to be one batch's doing."""
+_LR_RISE = 3.0
+"""A rise during which the learning rate grew this much is the optimisation's, however sudden."""
 
 
 class Blowup(NamedTuple):
@@ -133,6 +135,9 @@ def _describe(series: Series, x: np.ndarray, trough: int, onset: int, end: int) 
     stop = end if end > onset else onset
     peak = float(np.nanmax(norms[onset:stop])) if stop > onset else math.inf
     nonfinite = int(steps[end]) if end < len(series) else None
+    lr_ratio = _ratio(lrs[min(onset, len(series) - 1)], lrs[trough])
+    if lr_ratio is not None and lr_ratio >= _LR_RISE:
+        is_jump = False  # the learning rate rose with it: the optimisation, not one batch
     if is_jump and onset < end and stop - onset > 3:
         later = norms[onset + 3 : stop]
         if later.size and float(np.nanmax(later)) > 10.0 * norms[onset]:
@@ -148,7 +153,7 @@ def _describe(series: Series, x: np.ndarray, trough: int, onset: int, end: int) 
         jump=10**jump if math.isfinite(jump) else math.inf,
         jump_step=int(steps[start + j + 1]) if start + j + 1 < len(series) else int(steps[-1]),
         nonfinite_step=nonfinite,
-        lr_ratio=_ratio(lrs[min(onset, len(series) - 1)], lrs[trough]),
+        lr_ratio=lr_ratio,
         loss_ratio=_ratio(_last_finite(losses[start : last + 1]), losses[start]),
     )
 
