@@ -51,7 +51,16 @@ __all__ = [
 ]
 
 ALARMS = frozenset(
-    {"exploding", "nonfinite", "loss_nonfinite", "spike", "loss_spike", "dead", "unused"}
+    {
+        "exploding",
+        "vanishing",
+        "nonfinite",
+        "loss_nonfinite",
+        "spike",
+        "loss_spike",
+        "dead",
+        "unused",
+    }
 )
 """Event kinds that tell a person something is wrong (``"skip"`` is an action, not an alarm)."""
 

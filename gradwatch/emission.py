@@ -36,7 +36,7 @@ from gradwatch.detect.spikes import ParamBaseline, SpikeDetector
 from gradwatch.diagnosis import probable_cause
 from gradwatch.diagnosis.context import Run
 from gradwatch.diagnosis.incident import start_depth
-from gradwatch.diagnosis.rules_layers import dead_findings
+from gradwatch.diagnosis.rules_layers import dead_findings, vanishing_finding
 from gradwatch.records import Event, ParamNorms, RunStart, StepReport
 from gradwatch.report.base import NEVER, SinkGroup, StepAggregator
 
@@ -136,6 +136,7 @@ class Emission:
         self._live_causes = 0
         self._nonfinite_told = False  # the run's first NaN/Inf states its cause, even mid-incident
         self._depth_checked = False  # the first step's depth profile was looked at
+        self._vanishing_told = False
         self._dead_told: set[str] = set()  # layers and parameters already reported dead/unused
         self._pending: dict[int, Pending] = {}
         self._newest = -1  # step of the last row added
@@ -291,7 +292,7 @@ class Emission:
                 self.sinks.write(event)
         first = self.health_detector.first_step
         if first is not None and _dead_check_due(report.step - first, self.health_detector):
-            for event in self._dead_events(report.step):
+            for event in self._layer_events(report.step):
                 self.sinks.write(event)
         if needs_events(report):
             cause = None
@@ -314,10 +315,19 @@ class Emission:
             for event in events:
                 self.sinks.write(event)
 
-    def _dead_events(self, step: int) -> list[Event]:
-        """Unused parameters and dead units, each reported once as soon as the streak shows it."""
+    def _layer_events(self, step: int) -> list[Event]:
+        """Unused parameters, dead units and a vanishing gradient, each reported once, as soon
+        as the streak (or the run's average through depth) shows it."""
         events = []
-        for finding in dead_findings(Run(self.health_detector.report(), self.clip)):
+        run = Run(self.health_detector.report(), self.clip)
+        if not self._vanishing_told:
+            for finding in vanishing_finding(run):
+                self._vanishing_told = True
+                message = f"step {step}: the gradient vanishes through depth: {finding.evidence}"
+                events.append(
+                    Event(step, "vanishing", message, finding.params, finding.data, finding.cause)
+                )
+        for finding in dead_findings(run):
             new = [p for p in finding.params if p not in self._dead_told]
             if not new:
                 continue

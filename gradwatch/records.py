@@ -33,7 +33,15 @@ __all__ = [
 ]
 
 EventKind = Literal[
-    "nonfinite", "loss_nonfinite", "exploding", "spike", "loss_spike", "skip", "dead", "unused"
+    "nonfinite",
+    "loss_nonfinite",
+    "exploding",
+    "vanishing",
+    "spike",
+    "loss_spike",
+    "skip",
+    "dead",
+    "unused",
 ]
 FindingKind = Literal[
     "exploding",

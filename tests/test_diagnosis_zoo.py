@@ -109,6 +109,9 @@ def test_scenario_is_diagnosed_right(sc: zoo.Scenario) -> None:
         assert out.diagnosis is not None and out.diagnosis.cause == sc.expected_cause
         if sc.expected_places is not None:
             assert out.diagnosis.params[0] in sc.expected_places
+        # said live: the first alarm states the same cause
+        assert out.alarms, f"{sc.name}: no alarm during the run"
+        assert out.alarms[0].cause == sc.expected_cause, _said(out)
 
 
 def test_judge_reads_the_first_error_or_warning_finding() -> None:
