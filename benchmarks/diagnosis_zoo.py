@@ -2191,3 +2191,105 @@ def _healthy_amp(run: Run) -> None:
         if scaler.get_scale() < before:
             run.trace.extra["skipped"].append(step)
     watch.close()
+
+
+@scenario(
+    "healthy_deep_relu_kaiming",
+    None,
+    None,
+    "MLP 16x64",
+    "AdamW",
+    fast=True,
+    what="16-layer ReLU MLP with Kaiming init: deep, but the signal is preserved through depth",
+    check=_healthy(1.5),
+)
+def _healthy_deep_relu(run: Run) -> None:
+    g = _gen(91)
+    model = _mlp([16] + [64] * 15 + [4])
+    for m in model:
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    watch = run.watch(model, opt)
+    centers = 2.0 * torch.randn(4, 16, generator=g)
+    for _ in range(120):
+        y = torch.randint(0, 4, (32,), generator=g)
+        x = centers[y] + torch.randn(32, 16, generator=g)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        with watch.backward(loss=loss):
+            loss.backward()
+        run.record(loss, model)
+        opt.step()
+    watch.close()
+
+
+class _GRUClassifier(nn.Module):
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__()
+        self.gru = nn.GRU(1, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.gru(x)
+        return self.head(out[:, -1])
+
+
+@scenario(
+    "healthy_gru_sequences",
+    None,
+    None,
+    "GRU",
+    "Adam",
+    fast=True,
+    what="GRU classifies 40-step sequences by the sign of their sum, Adam, no clipping",
+    check=_healthy(1.5),
+)
+def _healthy_gru(run: Run) -> None:
+    g = _gen(92)
+    model = _GRUClassifier()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    watch = run.watch(model, opt)
+    for _ in range(150):
+        x = torch.randn(32, 40, 1, generator=g)
+        y = (x.sum(dim=(1, 2)) > 0).long()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        with watch.backward(loss=loss):
+            loss.backward()
+        run.record(loss, model)
+        opt.step()
+    watch.close()
+
+
+@scenario(
+    "healthy_tanh_xavier_mlp6",
+    None,
+    None,
+    "MLP 6 tanh",
+    "momentum",
+    fast=True,
+    what="6-layer tanh MLP with Xavier init (tanh's derivative near 1), momentum SGD",
+    check=_healthy(1.5),
+)
+def _healthy_tanh(run: Run) -> None:
+    g = _gen(93)
+    model = _mlp([8] + [48] * 5 + [1], nn.Tanh)
+    for m in model:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight, gain=nn.init.calculate_gain("tanh"))
+            nn.init.zeros_(m.bias)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    watch = run.watch(model, opt)
+    w = torch.randn(8, 1, generator=g)
+    for _ in range(150):
+        x = torch.randn(32, 8, generator=g)
+        y = torch.tanh(x @ w) + 0.05 * torch.randn(32, 1, generator=g)
+        loss = F.mse_loss(model(x), y)
+        opt.zero_grad()
+        with watch.backward(loss=loss):
+            loss.backward()
+        run.record(loss, model)
+        opt.step()
+    watch.close()
