@@ -27,7 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     report = commands.add_parser("report", help="summarise a JSONL run log (and plot it)")
     report.add_argument("log", help="a run log written by gradwatch.JsonlSink")
-    report.add_argument("--plot", metavar="PNG", help="write a figure (needs gradwatch[plot])")
+    report.add_argument(
+        "--plot",
+        metavar="FIGURE",
+        help="write a figure, PNG, SVG or PDF after the name's suffix (needs gradwatch[plot])",
+    )
     report.add_argument("--html", metavar="HTML", help="write an HTML report")
     return parser
 

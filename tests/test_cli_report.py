@@ -242,6 +242,90 @@ def test_python_dash_m_entry_point(tmp_path):
     assert "does not exist" in done.stderr
 
 
+def _damaged_copy(run_log, tmp_path, line: int, old: str, new: str):
+    lines = run_log.read_text().splitlines(keepends=True)
+    assert old in lines[line - 1]
+    lines[line - 1] = lines[line - 1].replace(old, new, 1)
+    path = tmp_path / "damaged.jsonl"
+    path.write_text("".join(lines))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "reason"),
+    [
+        ('"step":2,', '"step":"x",', "field 'step' must be an integer, got \"x\""),
+        ('"global_norm":', '"global_norm":"abc","was":', "field 'global_norm' must be a number"),
+        ('"skipped":false', '"skipped":[1]', "field 'skipped' must be true or false, got [1]"),
+    ],
+)
+def test_a_mistyped_line_is_named_and_the_report_goes_on(
+    run_log, tmp_path, capsys, old, new, reason
+):
+    path = _damaged_copy(run_log, tmp_path, 4, old, new)  # line 4: step 2
+    assert main(["report", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert f"{path}:4: line skipped: step record: {reason}" in captured.out
+    assert "39 steps recorded, 0-39" in captured.out  # the other 39 are all there
+
+
+def test_a_mistyped_header_is_one_line_and_exit_code_2(run_log, tmp_path, capsys):
+    path = _damaged_copy(run_log, tmp_path, 1, '"every":1', '"every":"1"')
+    assert main(["report", str(path), "--plot", str(tmp_path / "x.png")]) == 2
+    line = _one_error_line(capsys)
+    assert f"{str(path)!r} line 1: unreadable run header: field 'every' must be an integer" in line
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_format_follows_the_suffix(run_log, tmp_path, capsys):
+    svg, pdf = tmp_path / "run.svg", tmp_path / "RUN.PDF"
+    assert main(["report", str(run_log), "--plot", str(svg)]) == 0
+    assert f"figure written to {svg} (SVG)" in capsys.readouterr().out
+    text = svg.read_text(encoding="utf-8")
+    assert text.startswith("<?xml") and "<svg" in text and "PNG" not in text[:200]
+    assert main(["report", str(run_log), "--plot", str(pdf)]) == 0
+    assert pdf.read_bytes().startswith(b"%PDF-")
+
+
+@pytest.mark.parametrize("name", ["run.jpg", "run", "run.png.txt"])
+def test_unknown_plot_suffix_fails_before_any_output(run_log, tmp_path, capsys, name):
+    target = tmp_path / "figs" / name
+    assert main(["report", str(run_log), "--plot", str(target)]) == 2
+    line = _one_error_line(capsys)  # nothing on stdout: the report was not printed first
+    assert line.startswith("gradwatch report: error: --plot: ")
+    assert str(target) in line and ".png, .svg, .pdf" in line
+    assert not (tmp_path / "figs").exists()
+
+
+def test_outputs_into_missing_folders_are_written(run_log, tmp_path, capsys):
+    png, page = tmp_path / "a" / "b" / "run.png", tmp_path / "c" / "run.html"
+    assert main(["report", str(run_log), "--plot", str(png), "--html", str(page)]) == 0
+    out = capsys.readouterr().out
+    assert f"figure written to {png}" in out and f"HTML report written to {page}" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and page.read_text().startswith("<!DOC")
+
+
+@pytest.mark.parametrize("option", ["--plot", "--html"])
+def test_an_output_folder_that_cannot_be_made_fails_before_any_output(
+    run_log, tmp_path, capsys, option
+):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("precious\n")
+    target = blocker / "out" / "run.png"
+    assert main(["report", str(run_log), option, str(target)]) == 2
+    line = _one_error_line(capsys)
+    assert f"{option} {str(target)!r}: cannot create the folder" in line
+    assert f"{str(blocker)!r} is a file" in line and blocker.read_text() == "precious\n"
+
+
+def test_plot_without_matplotlib_fails_before_any_output(run_log, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # None makes the import fail
+    assert main(["report", str(run_log), "--plot", str(tmp_path / "run.png")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and 'pip install "gradwatch[plot]"' in captured.err
+
+
 _NO_TORCH = """
 import sys
 from gradwatch.cli import main

@@ -330,3 +330,136 @@ def test_invalid_arguments_name_the_argument(tmp_path):
     with pytest.raises(ConfigError, match="mode"):
         JsonlSink(tmp_path / "b.jsonl", mode="w")  # type: ignore[arg-type]
     assert not (tmp_path / "a.jsonl").exists() and not (tmp_path / "b.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------ where the log goes
+
+
+def test_missing_folders_are_created_and_earlier_runs_kept(tmp_path):
+    path = tmp_path / "out" / "run 1" / "grads.jsonl"  # e.g. a Trainer's output_dir, not made yet
+    _train([JsonlSink(path)], steps=3)
+    first = path.read_bytes()
+    _train([JsonlSink(path, mode="a")], steps=4)
+    assert path.read_bytes().startswith(first)  # appending never rewrites what was there
+    assert len(read_run(path, run=0)) == 3 and len(read_run(path)) == 4
+
+
+def test_a_path_through_a_file_names_the_argument_and_the_file(tmp_path):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("precious\n")
+    for path in (blocker / "run.jsonl", blocker / "deeper" / "run.jsonl"):
+        with pytest.raises(NotADirectoryError) as info:
+            JsonlSink(path)
+        message = str(info.value)
+        assert f"path={str(path)!r}" in message
+        assert f"{str(blocker)!r} is a file, not a folder" in message
+    assert blocker.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("mode", ["x", "a"])
+def test_a_folder_as_path_is_refused_clearly(tmp_path, mode):
+    with pytest.raises(IsADirectoryError, match="JsonlSink path is a directory") as info:
+        JsonlSink(tmp_path, mode=mode)
+    assert str(tmp_path) in str(info.value)
+
+
+# ------------------------------------------------------------------------------ mistyped records
+
+_DELETE = object()
+
+
+@pytest.fixture(scope="module")
+def clean_lines(tmp_path_factory):
+    """A 6-step log with a NaN at step 3: header, steps 0-2, step 3, its event, 4, 5, summary."""
+    path = tmp_path_factory.mktemp("clean") / "run.jsonl"
+    _train([JsonlSink(path)], steps=6, nan_at=3)
+    lines = path.read_text().splitlines(keepends=True)
+    assert json.loads(lines[5])["type"] == "event" and json.loads(lines[-1])["type"] == "summary"
+    return lines
+
+
+def _damage(tmp_path, lines, index, changes):
+    """The log with line ``index`` re-encoded after ``changes`` (a key set, or deleted)."""
+    record = json.loads(lines[index])
+    for key, value in changes.items():
+        if value is _DELETE:
+            del record[key]
+        else:
+            record[key] = value  # an existing key keeps its place: norms stays last
+    lines = list(lines)
+    lines[index] = json.dumps(record, separators=(",", ":")) + "\n"
+    path = tmp_path / "damaged.jsonl"
+    path.write_text("".join(lines))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("index", "changes", "reason"),
+    [
+        (3, {"step": "x"}, "step record: field 'step' must be an integer, got \"x\""),
+        (3, {"step": 2.5}, "step record: field 'step' must be an integer, got 2.5"),
+        (3, {"step": True}, "step record: field 'step' must be an integer, got true"),
+        (3, {"step": _DELETE}, "step record: field 'step' is missing"),
+        (3, {"global_norm": "abc"}, "step record: field 'global_norm' must be a number, "),
+        (3, {"loss": [1]}, "step record: field 'loss' must be a number"),
+        (3, {"spike": "maybe"}, "step record: field 'spike' must be true or false, got \"maybe\""),
+        (3, {"norms": [[1], 2, 3, 4, 5, 6]}, "field 'norms' must be a list of numbers or null"),
+        (3, {"norms": [1, "1.5", 1, 1, 1, 1]}, "field 'norms' must be a list of numbers or null"),
+        (3, {"norms": [1.0]}, "field 'norms' must hold one value per parameter of the header (6)"),
+        (3, {"norms": "abc"}, "step record: field 'norms' must be a list of numbers or null"),
+        (4, {"nonfinite": [9]}, "step record: field 'nonfinite' must hold positions"),
+        (5, {"step": "3"}, "event record: field 'step' must be an integer, got \"3\""),
+        (5, {"kind": _DELETE}, "event record: field 'kind' is missing"),
+        (5, {"params": "2.weight"}, "event record: field 'params' must be a list of strings"),
+        (-1, {"layers": [{"name": "0", "steps": "many"}]}, "field 'layers[0].steps' must be an"),
+        (-1, {"steps": None}, "summary record: field 'steps' must be an integer, got null"),
+    ],
+)
+def test_a_mistyped_record_is_skipped_whole_and_named(
+    tmp_path, clean_lines, index, changes, reason
+):
+    path = _damage(tmp_path, clean_lines, index, changes)
+    log = read_run(path)
+    ((line, why),) = log.skipped_lines
+    assert line == (index % len(clean_lines)) + 1  # numbered from 1, as editors do
+    assert reason in why, why
+    steps = [0, 1, 2, 3, 4, 5]
+    if index in (3, 4):
+        steps.remove(index - 1)
+    assert log.step.tolist() == steps and log.norms.shape == (len(steps), 6)
+    assert np.isfinite(log.norms[log.step != 3]).all()  # nothing of a bad row leaks in as NaN
+    assert len(log.events) == (0 if index == 5 else 1)
+    assert (log.summary is None) == (index == -1) and log.bad_lines == 1
+
+
+def test_a_step_written_by_another_tool_is_read(tmp_path, clean_lines):
+    record = json.loads(clean_lines[3])
+    norms = record.pop("norms")
+    moved = json.dumps({"norms": norms, **record})  # norms first, default separators
+    lines = [*clean_lines[:3], moved + "\n", *clean_lines[4:]]
+    path = tmp_path / "other.jsonl"
+    path.write_text("".join(lines))
+    log = read_run(path)
+    assert log.skipped_lines == () and log.step.tolist() == [0, 1, 2, 3, 4, 5]
+    assert log.norms[2].tolist() == pytest.approx(norms)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"params": "x"}, "field 'params' must be a list of JSON objects, got \"x\""),
+        ({"params": [{"shape": [2]}]}, "field 'params[0].name' is missing"),
+        ({"every": "2"}, "field 'every' must be an integer, got \"2\""),
+        ({"every": 0}, "field 'every' must be an integer >= 1, got 0"),
+        ({"config": [1]}, "field 'config' must be a JSON object, got [1]"),
+    ],
+)
+def test_a_mistyped_header_is_one_error_naming_line_and_field(
+    tmp_path, clean_lines, changes, field
+):
+    path = _damage(tmp_path, clean_lines, 0, changes)
+    with pytest.raises(RunLogError) as info:
+        read_run(path)
+    message = str(info.value)
+    assert message.startswith(f"{str(path)!r} line 1: unreadable run header: ")
+    assert field in message and "\n" not in message

@@ -33,6 +33,7 @@ as ``"what"``).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -62,11 +63,14 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "JsonlSink",
+    "LogFieldError",
     "RunLogExistsError",
     "decode_event",
     "decode_float",
     "decode_summary",
     "encode_value",
+    "expect",
+    "show_value",
 ]
 
 FORMAT = "gradwatch.jsonl"
@@ -107,12 +111,100 @@ def decode_float(value: Any) -> float:
     """A number read from a log: a JSON number, ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` or null.
 
     null (a parameter without a gradient, a missing value) becomes NaN.
+
+    Raises:
+        ValueError: ``value`` is none of these (another string, a list, a boolean).
     """
     if value is None:
         return math.nan
+    if not _is_number(value):
+        raise ValueError(f"expected {_KINDS['number'][1]}, got {show_value(value)}")
+    return _NONFINITE[value] if isinstance(value, str) else float(value)
+
+
+class LogFieldError(GradWatchError, ValueError):
+    """A record of a run log lacks a field it needs, or holds a value of the wrong type there.
+
+    Raised by the ``decode_*`` functions and the reader; the message names the field (nested
+    fields as ``layers[2].steps``) and says what it must be, e.g. ``field 'step' must be an
+    integer, got "x"``.
+    """
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
     if isinstance(value, str):
-        return _NONFINITE.get(value, math.nan)
-    return float(value)
+        return value in _NONFINITE
+    return _is_int(value) or isinstance(value, float)
+
+
+Kind = Literal["int", "number", "flag", "text", "list", "object"]
+"""What a field of the format holds; :func:`expect` checks it."""
+
+_KINDS: dict[Kind, tuple[Any, str, str]] = {
+    "int": (_is_int, "an integer", "integers"),
+    "number": (_is_number, 'a number, "NaN", "Infinity", "-Infinity" or null', "numbers or null"),
+    "flag": (lambda v: isinstance(v, bool), "true or false", "booleans"),
+    "text": (lambda v: isinstance(v, str), "a string", "strings"),
+    "list": (lambda v: isinstance(v, list), "a list", "lists"),
+    "object": (lambda v: isinstance(v, dict), "a JSON object", "JSON objects"),
+}
+"""Value kinds of the format: (test, "must be ...", "a list of ..."). ``None`` is null."""
+
+
+def show_value(value: Any) -> str:
+    """``value`` as JSON for an error message, cut at 40 characters."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def expect(
+    record: Mapping[str, Any],
+    key: str,
+    kind: Kind,
+    *,
+    required: bool = False,
+    items: Kind | None = None,
+    where: str = "",
+) -> Any:
+    """``record[key]`` if it is of ``kind`` (a list of ``items`` if given); None if absent or null.
+
+    Args:
+        record: A decoded JSON object.
+        key: The field.
+        kind: ``"int"``, ``"number"``, ``"flag"``, ``"text"``, ``"list"`` or ``"object"``.
+        required: Absent or null is an error, not None.
+        items: For a list, the kind of every element (``"number"`` elements may be null).
+        where: Where ``record`` sits inside the line's record, for the message (``"layers[2]"``).
+
+    Raises:
+        LogFieldError: The field is missing although required, or is of another kind.
+    """
+    value = record.get(key)
+    name = f"{where}.{key}" if where else key
+    if value is None:
+        if required:
+            raise LogFieldError(
+                f"field {name!r} is missing"
+                if key not in record
+                else f"field {name!r} must be {_KINDS[kind][1]}, got null"
+            )
+        return None
+    test, what, _ = _KINDS[kind]
+    if items is not None:
+        item_test, _, plural = _KINDS[items]
+        what = f"a list of {plural}"
+        ok = isinstance(value, list) and all(
+            item_test(v) or (v is None and items == "number") for v in value
+        )
+    else:
+        ok = test(value)
+    if not ok:
+        raise LogFieldError(f"field {name!r} must be {what}, got {show_value(value)}")
+    return value
 
 
 def decode_event(record: Mapping[str, Any]) -> Event:
@@ -120,65 +212,93 @@ def decode_event(record: Mapping[str, Any]) -> Event:
 
     A non-finite event's label (``"NaN"``/``"Inf"``) is ``data["what"]``; in older logs it was
     ``data["value"]``, which is renamed here, so readers look in one place whatever wrote the log.
+
+    Raises:
+        LogFieldError: A field is missing or of the wrong type (``step``, ``kind`` are required).
     """
-    data = dict(record.get("data") or {})
-    if record["kind"] == "nonfinite" and "what" not in data and isinstance(data.get("value"), str):
+    kind = expect(record, "kind", "text", required=True)
+    data = dict(expect(record, "data", "object") or {})
+    if kind == "nonfinite" and "what" not in data and isinstance(data.get("value"), str):
         data["what"] = data.pop("value")
     return Event(
-        step=int(record["step"]),
-        kind=record["kind"],
-        message=str(record.get("message", "")),
-        params=tuple(record.get("params") or ()),
+        step=expect(record, "step", "int", required=True),
+        kind=kind,
+        message=expect(record, "message", "text") or "",
+        params=tuple(expect(record, "params", "list", items="text") or ()),
         data=data,
-        cause=record.get("cause"),
+        cause=expect(record, "cause", "text"),
     )
 
 
 _LAYER_FLOATS = ("min", "mean", "max", "last")
+_LAYER_COUNTS = ("steps", "nonfinite_steps", "spike_culprit")
 _SUMMARY_FLOATS = ("global_min", "global_mean", "global_max", "global_last")
+_SUMMARY_COUNTS = ("clipped_steps", "spikes", "loss_spikes", "nonfinite_steps", "skipped_steps")
 
 
 def decode_summary(record: Mapping[str, Any]) -> RunSummary:
-    """The :class:`~gradwatch.records.RunSummary` of a ``summary`` record."""
-    layers = tuple(
-        LayerSummary(**{k: decode_float(v) if k in _LAYER_FLOATS else v for k, v in layer.items()})
-        for layer in record.get("layers", ())
-    )
-    findings = tuple(
-        Finding(
-            kind=f["kind"],
-            params=tuple(f.get("params", ())),
-            evidence=str(f.get("evidence", "")),
-            remedies=tuple(f.get("remedies", ())),
-            suggested={k: decode_float(v) for k, v in (f.get("suggested") or {}).items()},
-            cause=f.get("cause", "unknown"),
-            severity=f.get("severity", "warning"),
-            first_step=f.get("first_step"),
-            data=dict(f.get("data") or {}),
+    """The :class:`~gradwatch.records.RunSummary` of a ``summary`` record.
+
+    Raises:
+        LogFieldError: A field is missing (``steps``, each layer's ``name``, each finding's
+            ``kind``) or of the wrong type.
+    """
+    layers = []
+    for i, layer in enumerate(expect(record, "layers", "list", items="object") or ()):
+        where = f"layers[{i}]"
+        layers.append(
+            LayerSummary(
+                name=expect(layer, "name", "text", required=True, where=where),
+                **{k: decode_float(expect(layer, k, "number", where=where)) for k in _LAYER_FLOATS},
+                **{k: expect(layer, k, "int", where=where) or 0 for k in _LAYER_COUNTS},
+            )
         )
-        for f in record.get("findings", ())
-    )
+    findings = []
+    for i, f in enumerate(expect(record, "findings", "list", items="object") or ()):
+        where = f"findings[{i}]"
+        suggested = expect(f, "suggested", "object", where=where) or {}
+        findings.append(
+            Finding(
+                kind=expect(f, "kind", "text", required=True, where=where),
+                params=tuple(expect(f, "params", "list", items="text", where=where) or ()),
+                evidence=expect(f, "evidence", "text", where=where) or "",
+                remedies=tuple(expect(f, "remedies", "list", items="text", where=where) or ()),
+                suggested={
+                    k: decode_float(expect(suggested, k, "number", where=f"{where}.suggested"))
+                    for k in suggested
+                },
+                cause=expect(f, "cause", "text", where=where) or "unknown",
+                severity=expect(f, "severity", "text", where=where) or "warning",
+                first_step=expect(f, "first_step", "int", where=where),
+                data=dict(expect(f, "data", "object", where=where) or {}),
+            )
+        )
+    origins = []
+    for i, origin in enumerate(expect(record, "nonfinite_origins", "list", items="list") or ()):
+        if len(origin) != 2 or not _is_int(origin[0]) or not isinstance(origin[1], str):
+            raise LogFieldError(
+                f"field 'nonfinite_origins[{i}]' must be [step, parameter name], "
+                f"got {show_value(origin)}"
+            )
+        origins.append((origin[0], origin[1]))
     return RunSummary(
-        steps=int(record["steps"]),
-        first_step=record.get("first_step"),
-        last_step=record.get("last_step"),
-        **{k: decode_float(record.get(k)) for k in _SUMMARY_FLOATS},
-        clipped_steps=int(record.get("clipped_steps", 0)),
-        spikes=int(record.get("spikes", 0)),
-        loss_spikes=int(record.get("loss_spikes", 0)),
-        nonfinite_steps=int(record.get("nonfinite_steps", 0)),
-        skipped_steps=int(record.get("skipped_steps", 0)),
-        layers=layers,
-        nonfinite_origins=tuple((int(s), str(p)) for s, p in record.get("nonfinite_origins", ())),
-        findings=findings,
+        steps=expect(record, "steps", "int", required=True),
+        first_step=expect(record, "first_step", "int"),
+        last_step=expect(record, "last_step", "int"),
+        **{k: decode_float(expect(record, k, "number")) for k in _SUMMARY_FLOATS},
+        **{k: expect(record, k, "int") or 0 for k in _SUMMARY_COUNTS},
+        layers=tuple(layers),
+        nonfinite_origins=tuple(origins),
+        findings=tuple(findings),
     )
 
 
 class JsonlSink(Sink):
     """Writes the run to a JSON Lines file: a header, steps, events and the final summary.
 
-    The file is opened when the sink is created, so a bad path fails before training starts. An
-    existing file is never overwritten: with ``mode="x"`` (default) the sink refuses it; with
+    The file is opened when the sink is created, so a bad path fails before training starts;
+    missing parent folders are created (as TensorBoard's ``SummaryWriter`` does). An existing file
+    is never overwritten or truncated: with ``mode="x"`` (default) the sink refuses it; with
     ``mode="a"`` it appends, starting a new run in the same file (the reader reads the last run by
     default). Each record is flushed to the operating system as it is written, so the log survives
     a killed process (not a power cut: there is no fsync per line).
@@ -193,7 +313,9 @@ class JsonlSink(Sink):
         RunLogExistsError: ``mode="x"`` and ``path`` exists, or ``mode="a"`` and ``path`` holds
             something other than a gradwatch run log.
         ValueError, TypeError: ``every`` or ``mode`` is invalid.
-        OSError: The file cannot be opened (missing directory, permissions).
+        IsADirectoryError: ``path`` is a folder.
+        OSError: The file or its folder cannot be created (permissions, a parent that is a file);
+            the message names ``path``.
     """
 
     def __init__(
@@ -202,18 +324,29 @@ class JsonlSink(Sink):
         self.every = check_int("every", every)
         self.mode = check_choice("mode", mode, ("x", "a"))
         self.path = Path(path)
+        if self.path.is_dir():
+            raise IsADirectoryError(
+                errno.EISDIR,
+                "JsonlSink path is a directory; give a file such as 'DIR/run.jsonl'",
+                str(self.path),
+            )
         needs_newline = False
         if self.mode == "a" and self.path.is_file() and self.path.stat().st_size:
             needs_newline = _check_appendable(self.path)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # as TensorBoard and W&B do
             self._file: IO[str] | None = open(  # noqa: SIM115 (closed in close())
                 self.path, self.mode, encoding="utf-8", newline="\n"
             )
-        except FileExistsError:
+        except FileExistsError as err:
+            if err.filename is not None and Path(err.filename) != self.path:
+                raise _cannot_open(self.path, err) from None  # mkdir met a file, not the log
             raise RunLogExistsError(
                 f"run log {str(self.path)!r} already exists; gradwatch never overwrites a log. "
                 'Pass mode="a" to append a new run to it, or choose a new path'
             ) from None
+        except OSError as err:
+            raise _cannot_open(self.path, err) from None
         if needs_newline:
             self._write_line("")
         self._names: tuple[str, ...] | None = None
@@ -355,6 +488,17 @@ class JsonlSink(Sink):
             raise ValueError(f"JsonlSink({str(self.path)!r}) is closed")
         self._file.write(line + "\n")
         self._file.flush()
+
+
+def _cannot_open(path: Path, err: OSError) -> OSError:
+    """``err`` as an error naming the ``path`` argument and what is in the way."""
+    message = f"JsonlSink cannot create its log (path={str(path)!r})"
+    if isinstance(err, FileExistsError | NotADirectoryError):  # a parent folder is a file
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), path.parent)
+        return NotADirectoryError(
+            errno.ENOTDIR, f"{message}: {str(blocker)!r} is a file, not a folder"
+        )
+    return type(err)(err.errno, f"{message}: {err.strerror or err}")
 
 
 def _check_appendable(path: Path) -> bool:

@@ -15,7 +15,8 @@ drawing uses the Agg canvas directly and never touches pyplot's global state or 
 from __future__ import annotations
 
 import os
-from typing import IO, Any
+from pathlib import Path
+from typing import IO, Any, Literal
 
 import numpy as np
 
@@ -25,7 +26,12 @@ from gradwatch.errors import ConfigError
 from gradwatch.report.base import layer_of
 from gradwatch.report.runlog_arrays import RunLog
 
-__all__ = ["plot_run"]
+__all__ = ["FORMATS", "plot_format", "plot_run"]
+
+PlotFormat = Literal["png", "svg", "pdf"]
+
+FORMATS: dict[str, PlotFormat] = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
+"""File suffixes :func:`plot_run` writes, and the format each one means."""
 
 _RED = "#d62728"
 _ORANGE = "#ff7f0e"
@@ -43,25 +49,33 @@ def plot_run(
     max_columns: int = 600,
     width: float = 11.0,
     dpi: int = 100,
+    format: PlotFormat | None = None,
 ) -> tuple[int, int]:
-    """Draw ``log`` and save it as a PNG.
+    """Draw ``log`` and save it as a PNG, SVG or PDF.
 
     Args:
         log: A run read by :func:`~gradwatch.report.runlog.read_run`.
-        out: File path or binary file object to write the PNG to.
+        out: File path or binary file object to write the figure to.
         layer_depth: Group parameters into heatmap rows by their first ``layer_depth`` name parts
             (None: by owning module).
         max_columns: Most step columns drawn; longer runs are reduced (column maxima kept).
         width: Figure width in inches; the height follows the number of layers.
-        dpi: Pixels per inch of the PNG.
+        dpi: Pixels per inch of the PNG (and of the heatmap's image inside an SVG or PDF).
+        format: ``"png"``, ``"svg"`` or ``"pdf"``; None: from the suffix of a path (see
+            :func:`plot_format`), PNG for a file object.
 
     Returns:
-        The PNG's ``(width, height)`` in pixels.
+        The figure's ``(width, height)`` in pixels at ``dpi``.
 
     Raises:
         MissingExtraError: matplotlib is not installed.
-        ValueError: The log has no recorded step, or an argument is invalid.
+        ValueError: The log has no recorded step, ``out``'s suffix is not one of
+            :data:`FORMATS`, or an argument is invalid.
     """
+    if format is None:
+        format = "png" if hasattr(out, "write") else plot_format(out)  # type: ignore[arg-type]
+    elif format not in FORMATS.values():
+        raise ConfigError(f"format must be one of 'png', 'svg', 'pdf', got {format!r}")
     require("matplotlib", extra="plot")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -87,9 +101,26 @@ def plot_run(
     _draw_global(top, log, data)
     _draw_heatmap(heat, colorbar_axis, fig, log, data, layer_depth)
     fig.suptitle(_title(log, data), x=0.01, ha="left", fontsize=11)
-    fig.savefig(out, format="png", dpi=dpi)
+    fig.savefig(out, format=format, dpi=dpi)
     w, h = fig.canvas.get_width_height()
     return int(w), int(h)
+
+
+def plot_format(path: str | os.PathLike[str]) -> PlotFormat:
+    """The figure format a file name asks for, from its suffix (any case): png, svg or pdf.
+
+    Raises:
+        ConfigError: The suffix is missing or not one of :data:`FORMATS`.
+    """
+    suffix = Path(path).suffix
+    found = FORMATS.get(suffix.lower())
+    if found is None:
+        what = f"suffix {suffix!r}" if suffix else "no suffix"
+        raise ConfigError(
+            f"cannot tell the figure format of {str(path)!r} ({what}); "
+            f"end the name in {', '.join(FORMATS)}"
+        )
+    return found
 
 
 class _Reduced:

@@ -5,6 +5,16 @@ of long runs (100k steps parse in seconds: one ``json.loads`` per line, columns 
 and for logs of runs that died: a truncated last line, or a half-written line left in the middle
 by a killed run that was later appended to, is skipped and counted, never fatal.
 
+What the reader does with a line it cannot use:
+
+* The header (first line of a run) must be right: without it nothing can be read, so a missing
+  or mistyped header field raises :class:`RunLogError` naming the file, the line and the field.
+* Any other line is skipped, and :attr:`RunLog.skipped_lines` says which and why: a line that is
+  not JSON (cut short by a killed process), or a record with a missing or mistyped field (a line
+  edited by hand or written by another tool, e.g. ``"step": "x"``). A record is kept whole or
+  not at all; a value is never guessed (``"spike": "maybe"`` is not read as true). One bad line
+  in a long run costs that line, not the report; ``gradwatch report`` lists the skipped lines.
+
 This module turns the file into columns; :class:`RunLog` itself, and the questions asked of it
 (layer norms, a summary of a run that never closed), live in
 :mod:`gradwatch.report.runlog_arrays` and are re-exported here.
@@ -24,9 +34,12 @@ from gradwatch.records import Event, ParamInfo, RunStart, RunSummary
 from gradwatch.report.jsonl import (
     FORMAT,
     FORMAT_VERSION,
+    LogFieldError,
     decode_event,
     decode_float,
     decode_summary,
+    expect,
+    show_value,
 )
 from gradwatch.report.runlog_arrays import RunLog
 
@@ -72,11 +85,17 @@ def read_run(path: str | os.PathLike[str], *, run: int = -1) -> RunLog:
     index = run % count
     start, header = headers[index]
     stop = headers[index + 1][0] if index + 1 < count else len(lines)
-    builder = _Builder(header)
+    try:
+        builder = _Builder(header)
+    except LogFieldError as err:
+        raise RunLogError(f"{str(path)!r} line {start + 1}: unreadable run header: {err}") from None
+    last = len(lines) - 1
     for i in range(start + 1, stop):
         line = lines[i]
-        if line.strip() and not builder.add(line) and (complete or i != len(lines) - 1):
-            builder.bad += 1
+        if line.strip():
+            reason = builder.add(line, i + 1)
+            if reason is not None and (complete or i != last):  # a cut last line: `truncated`
+                builder.skipped.append((i + 1, reason))
     truncated = not complete and stop == len(lines) and not builder.last_ok
     return builder.build(path, truncated, index, count)
 
@@ -140,12 +159,25 @@ _STEP_EXTRAS = ("nonfinite", "spike_params", "nonfinite_ranks", "window")  # spa
 
 
 def _parse_numbers(text: bytes) -> np.ndarray:
-    """Comma-separated JSON numbers, ``"NaN"``/``"Infinity"``/``"-Infinity"`` and null."""
+    """Comma-separated JSON numbers, ``"NaN"``/``"Infinity"``/``"-Infinity"`` and null.
+
+    Raises:
+        ValueError: Something else is in ``text`` (a string such as ``"1.5"``, a list, true).
+    """
     if not text:
         return np.empty(0)
     if b'"' in text or b"l" in text:  # numpy reads NaN, Infinity, nan itself; not quotes or null
-        text = text.replace(b'"', b"").replace(b"null", b"nan")
+        for token, number in _TOKENS:
+            text = text.replace(token, number)
     return np.array(text.split(b","), dtype=np.float64)
+
+
+_TOKENS = (
+    (b'"NaN"', b"nan"),
+    (b'"Infinity"', b"inf"),
+    (b'"-Infinity"', b"-inf"),
+    (b"null", b"nan"),
+)
 
 
 def _concat(chunks: list[np.ndarray], dtype: type) -> np.ndarray:
@@ -158,110 +190,164 @@ class _Builder:
     Step lines are split at their ``norms`` key (always last): the short head goes through
     ``json``, the norm vectors are parsed in bulk by numpy, a chunk of rows at a time. This is
     what keeps a 100k-step log to seconds: per-number parsing in ``json`` dominates otherwise.
+    A step is checked field by field as it is read, then held until its chunk is parsed: a row
+    whose norms do not parse is dropped whole, so nothing of a bad line is ever kept.
     """
 
     _CHUNK = 4096
 
     def __init__(self, header: dict[str, Any]) -> None:
-        self.header = header
+        params = expect(header, "params", "list", items="object") or ()
         self.params = tuple(
-            ParamInfo(str(p["name"]), tuple(p.get("shape") or ()), str(p.get("dtype", "")))
-            for p in header.get("params", ())
+            ParamInfo(
+                expect(p, "name", "text", required=True, where=f"params[{i}]"),
+                tuple(expect(p, "shape", "list", items="int", where=f"params[{i}]") or ()),
+                expect(p, "dtype", "text", where=f"params[{i}]") or "",
+            )
+            for i, p in enumerate(params)
+        )
+        every = expect(header, "every", "int")
+        if every is not None and every < 1:
+            raise LogFieldError(f"field 'every' must be an integer >= 1, got {every}")
+        self.every = 1 if every is None else every
+        self.config = expect(header, "config", "object") or {}
+        self.time = decode_float(expect(header, "time", "number"))
+        self.versions = tuple(
+            expect(header, k, "text") or "" for k in ("gradwatch_version", "torch_version")
         )
         self.n_params = len(self.params)
         self.columns: dict[str, list[np.ndarray]] = {k: [] for k in (*_STEP_FLOATS, *_STEP_FLAGS)}
         self.steps: list[int] = []
-        self.heads: list[dict[str, Any]] = []
         self.first_nonfinite: dict[int, int] = {}
         self.spike_columns: list[tuple[int, tuple[int, ...]]] = []
         self.nonfinite_ranks: list[tuple[int, tuple[int, ...]]] = []
-        self.rows: list[bytes] = []
+        self.pending: list[tuple[int, dict[str, Any], bytes, tuple[Any, ...] | None]] = []
         self.chunks: list[np.ndarray] = []
         self.absent: list[tuple[int, list[bool]]] = []
         self.windows: dict[int, dict[str, Any]] = {}
         self.events: list[Event] = []
         self.summary: RunSummary | None = None
-        self.bad = 0
+        self.skipped: list[tuple[int, str]] = []
         self.last_ok = True
 
-    def add(self, line: bytes) -> bool:
-        """Add one line; False if it cannot be read."""
+    def add(self, line: bytes, number: int) -> str | None:
+        """Add line ``number``; if it cannot be used, say why (and keep nothing of it)."""
+        kind = None
         try:
             split = line.rfind(_NORMS_KEY)
+            head = None
             if split > 0 and line.endswith(b"]}"):
-                self._step(json.loads(line[:split] + b"}"), line[split + len(_NORMS_KEY) : -2])
+                try:
+                    head = json.loads(line[:split] + b"}")
+                except ValueError:
+                    head = None  # read the whole line below, for its own error
+            if isinstance(head, dict) and head.get("type") == "step":
+                kind = "step"
+                self._step(number, head, line[split + len(_NORMS_KEY) : -2])
             else:
                 record = json.loads(line)
-                kind = record["type"]
+                if not isinstance(record, dict):
+                    raise LogFieldError("not a JSON object")
+                kind = expect(record, "type", "text", required=True)
                 if kind == "step":
-                    self._step(record, None)
+                    self._step(number, record, None)
                 elif kind == "event":
                     self.events.append(decode_event(record))
                 elif kind == "summary":
                     self.summary = decode_summary(record)
-        except (ValueError, KeyError, TypeError, IndexError):
+        except LogFieldError as err:
             self.last_ok = False
-            return False
+            return f"{kind} record: {err}" if kind else str(err)
+        except ValueError:  # from json: the line is not JSON at all
+            self.last_ok = False
+            return "not valid JSON (a line cut short by a killed run, or not written by gradwatch)"
+        except (KeyError, TypeError, IndexError) as err:  # a shape no check foresaw: still a skip
+            self.last_ok = False
+            return f"{kind} record: unreadable ({type(err).__name__}: {err})"
         self.last_ok = True
-        return True
+        return None
 
-    def _step(self, record: dict[str, Any], norms: bytes | None) -> None:
-        if record.get("type") != "step":
-            raise ValueError("not a step record")
+    def _step(self, number: int, record: dict[str, Any], norms: bytes | None) -> None:
+        _check_head(record)
         if norms is None:  # a step written by another tool, norms not last
-            norms = json.dumps(record["norms"]).encode()[1:-1]
-        expected = self.n_params - 1
-        if (norms.count(b",") != expected) if self.n_params else norms.strip():
-            raise ValueError("norm vector does not match the header's parameters")
-        row, step = len(self.steps), int(record["step"])  # a bad step raises before any append
-        if any(key in record for key in _STEP_EXTRAS):
-            self._extras(row, record)
-        self.steps.append(step)
-        if b"null" in norms:
-            self.absent.append((row, [v != b"null" for v in norms.split(b",")]))
-        self.heads.append(record)
-        self.rows.append(norms)
-        if len(self.rows) >= self._CHUNK:
+            values = expect(record, "norms", "list", items="number", required=True)
+            norms = json.dumps(values, separators=(",", ":")).encode()[1:-1]
+        count = norms.count(b",") + 1 if norms else 0
+        if count != self.n_params:
+            raise LogFieldError(
+                f"field 'norms' must hold one value per parameter of the header "
+                f"({self.n_params}), got {count}"
+            )
+        extras = self._extras(record) if any(k in record for k in _STEP_EXTRAS) else None
+        self.pending.append((number, record, norms, extras))
+        if len(self.pending) >= self._CHUNK:
             self._flush_rows()
 
-    def _extras(self, row: int, record: dict[str, Any]) -> None:
-        """A step's sparse fields, all parsed before any is kept: a bad one leaves no trace."""
-        nonfinite = record.get("nonfinite")
-        first = int(nonfinite[0]) if nonfinite else None
-        columns = tuple(int(c) for c in record.get("spike_params") or ())
-        ranks = tuple(int(r) for r in record.get("nonfinite_ranks") or ())
-        window = record.get("window")
-        if first is not None:
-            self.first_nonfinite[row] = first
-        if record.get("spike_params"):
-            self.spike_columns.append((row, tuple(c for c in columns if 0 <= c < self.n_params)))
-        if ranks:
-            self.nonfinite_ranks.append((row, ranks))
+    def _extras(self, record: dict[str, Any]) -> tuple[Any, ...]:
+        """A step's sparse fields, all checked before the step is kept."""
+        n = self.n_params
+        nonfinite = expect(record, "nonfinite", "list", items="int") or ()
+        columns = expect(record, "spike_params", "list", items="int") or ()
+        ranks = expect(record, "nonfinite_ranks", "list", items="int") or ()
+        for key, positions in (("nonfinite", nonfinite), ("spike_params", columns)):
+            if any(not -1 <= c < n for c in positions):  # -1: a name not in the header
+                raise LogFieldError(
+                    f"field {key!r} must hold positions in the header's parameters "
+                    f"(-1 to {n - 1}), got {show_value(positions)}"
+                )
+        window = expect(record, "window", "object")
         if window is not None:
-            self.windows[row] = window
+            _check_window(window, n)
+        return nonfinite, tuple(c for c in columns if c >= 0), tuple(ranks), window
 
     def _flush_rows(self) -> None:
-        """Turn the buffered rows into arrays: norms parsed in bulk, one column per field."""
-        if not self.rows:
+        """Parse the held rows' norms in bulk and keep them: one array per field and chunk."""
+        pending, n = self.pending, self.n_params
+        if not pending:
             return
         try:
-            values = _parse_numbers(b",".join(self.rows))
-        except ValueError:  # a damaged row: parse row by row, blank the ones that fail
-            values = np.concatenate([self._parse_row(row) for row in self.rows])
-        self.chunks.append(values.reshape(len(self.rows), self.n_params))
-        heads = self.heads
+            values = _parse_numbers(b",".join(p[2] for p in pending)) if n else np.empty(0)
+        except ValueError:  # some row holds something else than numbers: find and drop it
+            values, pending = self._parse_each(pending)
+        self.chunks.append(values.reshape(len(pending), n))
+        for _, record, norms, extras in pending:
+            row = len(self.steps)
+            self.steps.append(record["step"])
+            if b"null" in norms:
+                self.absent.append((row, [v != b"null" for v in norms.split(b",")]))
+            if extras is not None:
+                nonfinite, columns, ranks, window = extras
+                if nonfinite:
+                    self.first_nonfinite[row] = nonfinite[0]
+                if columns:
+                    self.spike_columns.append((row, columns))
+                if ranks:
+                    self.nonfinite_ranks.append((row, ranks))
+                if window is not None:
+                    self.windows[row] = window
         for key in (*_STEP_FLOATS, *_STEP_FLAGS):
             # np.array turns null into nan and "NaN"/"Infinity"/"-Infinity" into nan/inf/-inf.
             dtype = np.bool_ if key in _STEP_FLAGS else np.float64
-            self.columns[key].append(np.array([h.get(key) for h in heads], dtype=dtype))
-        self.rows, self.heads = [], []
+            self.columns[key].append(np.array([p[1].get(key) for p in pending], dtype=dtype))
+        self.pending = []
 
-    def _parse_row(self, row: bytes) -> np.ndarray:
-        try:
-            return _parse_numbers(row)
-        except ValueError:
-            self.bad += 1
-            return np.full(self.n_params, np.nan)
+    def _parse_each(self, pending: list[Any]) -> tuple[np.ndarray, list[Any]]:
+        kept, values = [], []
+        for item in pending:
+            try:
+                values.append(_parse_numbers(item[2]))
+                kept.append(item)
+            except ValueError:
+                text = item[2].decode("utf-8", "replace")
+                shown = text if len(text) <= 40 else text[:37] + "..."
+                self.skipped.append(
+                    (
+                        item[0],
+                        f"step record: field 'norms' must be a list of numbers or null, "
+                        f"got [{shown}]",
+                    )
+                )
+        return (np.concatenate(values) if values else np.empty(0)), kept
 
     def build(self, path: Path, truncated: bool, index: int, count: int) -> RunLog:
         self._flush_rows()
@@ -282,24 +368,17 @@ class _Builder:
         totals: dict[str, int] = {}
         if self.windows:
             peak_norms, peak_global = norms.copy(), peak_global.copy()
-            for row, w in self.windows.items():
+            for row, w in self.windows.items():  # each checked by _check_window
                 peak_norms[row] = np.array(w["norms_max"], dtype=np.float64)
                 peak_global[row] = decode_float(w.get("global_max"))
-                window_steps[row] = int(w.get("steps", 1))
+                window_steps[row] = w.get("steps") or 1
             for key in _WINDOW_COUNTS:
-                totals[key] = sum(int(w.get(key, 0)) for w in self.windows.values())
-        header = self.header
-        start = RunStart(
-            str(header.get("gradwatch_version", "")),
-            str(header.get("torch_version", "")),
-            self.params,
-            header.get("config") or {},
-            decode_float(header.get("time")),
-        )
+                totals[key] = sum(w.get(key) or 0 for w in self.windows.values())
+        start = RunStart(*self.versions, self.params, self.config, self.time)
         return RunLog(
             path=path,
             header=start,
-            every=int(header.get("every", 1)),
+            every=self.every,
             step=np.array(self.steps, dtype=np.int64),
             **floats,
             **flags,
@@ -313,10 +392,50 @@ class _Builder:
             events=tuple(self.events),
             summary=self.summary,
             truncated=truncated,
-            bad_lines=self.bad,
+            skipped_lines=tuple(sorted(self.skipped)),
             run_index=index,
             run_count=count,
             window_totals=totals,
             spike_columns=tuple(self.spike_columns),
             nonfinite_ranks=tuple(self.nonfinite_ranks),
+        )
+
+
+def _check_head(record: dict[str, Any]) -> None:
+    """A step's fields besides its norms, checked fast (the message comes from ``expect``).
+
+    Raises:
+        LogFieldError: ``step`` is missing or not an integer, or another field has another type.
+    """
+    if type(record.get("step")) is not int:
+        expect(record, "step", "int", required=True)
+    for key in _STEP_FLOATS:
+        value = record.get(key)
+        if value is not None and type(value) not in (float, int):
+            expect(record, key, "number")
+    for key in _STEP_FLAGS:
+        value = record.get(key)
+        if value is not None and type(value) is not bool:
+            expect(record, key, "flag")
+
+
+def _check_window(window: dict[str, Any], n_params: int) -> None:
+    """The ``window`` of a sampled step (``every > 1``).
+
+    Raises:
+        LogFieldError: A field is missing or of another type.
+    """
+    expect(window, "first", "int", where="window")
+    steps = expect(window, "steps", "int", where="window")
+    if steps is not None and steps < 1:
+        raise LogFieldError(f"field 'window.steps' must be an integer >= 1, got {steps}")
+    for key in ("global_max", "global_mean"):
+        expect(window, key, "number", where="window")
+    for key in _WINDOW_COUNTS:
+        expect(window, key, "int", where="window")
+    maxima = expect(window, "norms_max", "list", items="number", required=True, where="window")
+    if len(maxima) != n_params:
+        raise LogFieldError(
+            f"field 'window.norms_max' must hold one value per parameter of the header "
+            f"({n_params}), got {len(maxima)}"
         )

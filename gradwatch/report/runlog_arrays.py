@@ -54,7 +54,9 @@ class RunLog:
             as the strings ``"NaN"``/``"Infinity"``, see :mod:`gradwatch.report.jsonl`).
         summary: The final summary, or None if the run did not close (killed, still running).
         truncated: The last line was incomplete (the writer was killed mid-line) and was skipped.
-        bad_lines: Unreadable lines skipped, besides a truncated last line.
+        skipped_lines: ``(line number, reason)`` of every other line the reader skipped: not
+            JSON, or a record with a missing or mistyped field (``"step record: field 'step'
+            must be an integer, got \"x\""``). Line numbers count from 1.
         run_index: Which run of the file this is (a file appended to holds several).
         run_count: Number of runs in the file.
         window_totals: With ``every > 1``, event counts summed over all windows.
@@ -86,7 +88,7 @@ class RunLog:
     events: tuple[Event, ...]
     summary: RunSummary | None
     truncated: bool
-    bad_lines: int
+    skipped_lines: tuple[tuple[int, str], ...]
     run_index: int
     run_count: int
     window_totals: Mapping[str, int] = field(default_factory=dict, repr=False)
@@ -97,6 +99,11 @@ class RunLog:
     def names(self) -> tuple[str, ...]:
         """Parameter names, in column order."""
         return tuple(p.name for p in self.header.params)
+
+    @property
+    def bad_lines(self) -> int:
+        """Number of lines skipped, besides a truncated last line (see :attr:`skipped_lines`)."""
+        return len(self.skipped_lines)
 
     def __len__(self) -> int:
         return len(self.step)

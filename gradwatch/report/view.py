@@ -15,12 +15,14 @@ import io
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gradwatch._optional import MissingExtraError
+from gradwatch._optional import MissingExtraError, require
+from gradwatch.errors import GradWatchError
 from gradwatch.records import Event
 from gradwatch.report.console import fmt, summary_notes, summary_table
 from gradwatch.report.runlog import RunLog, RunLogError, read_run
@@ -33,6 +35,9 @@ _KIND_STYLE = {
     "loss_spike": "yellow",
     "skip": "magenta",
 }
+_SKIPPED_SHOWN = 5
+"""Skipped lines named one by one in the report; the rest are counted."""
+
 _KIND_NAME = {
     "nonfinite": "NaN/Inf",
     "spike": "spike",
@@ -50,22 +55,43 @@ def run_report(
 ) -> int:
     """Summarise the run log at ``path`` in the terminal; optionally write a figure and a page.
 
+    The output paths are checked before the log is read, and their missing folders created
+    (as :class:`~gradwatch.report.jsonl.JsonlSink` creates its log's) before anything is
+    printed, so a bad ``--plot`` never costs a printed report. Damaged lines of the log are
+    skipped and listed in the report (see :mod:`gradwatch.report.runlog`); only an unreadable
+    header is an error.
+
     Args:
         path: A log written by :class:`~gradwatch.report.jsonl.JsonlSink`.
-        plot: Where to write the PNG figure (needs ``gradwatch[plot]``), or None.
+        plot: Where to write the figure (needs ``gradwatch[plot]``), as PNG, SVG or PDF after the
+            suffix of the name, or None.
         html: Where to write a self-contained HTML report, or None.
         console: Where the summary goes (default: a console on stdout).
 
     Returns:
-        The exit code: 0 on success; 2 if the log cannot be read or has nothing to plot (one line
-        on stderr says why); 1 if ``--plot`` needs matplotlib and it is not installed.
+        The exit code: 0 on success; 2 if an output path is unusable, the log cannot be read or
+        has nothing to plot (one line on stderr says why); 1 if ``--plot`` needs matplotlib and
+        it is not installed.
     """
+    try:
+        _check_outputs(plot, html)
+    except _OutputError as err:
+        return _fail(str(err))
+    except MissingExtraError as err:
+        print(f"gradwatch report: {err}", file=sys.stderr)
+        return 1
     try:
         log = read_run(path)
     except RunLogError as err:
         return _fail(str(err))
     if plot is not None and len(log) == 0:
         return _fail(f"cannot plot {str(path)!r}: the run recorded no step")
+    try:
+        for option, target in (("--plot", plot), ("--html", html)):
+            if target is not None:
+                _make_folder(option, target)
+    except _OutputError as err:
+        return _fail(str(err))
 
     out = console if console is not None else Console()
     if html is not None and not out.record:
@@ -74,16 +100,15 @@ def run_report(
         out.print(renderable, soft_wrap=isinstance(renderable, Text))  # lines: never hard-wrap
 
     if plot is not None:
-        try:
-            from gradwatch.report.plots import plot_run
+        from gradwatch.report.plots import plot_format, plot_run
 
-            width, height = plot_run(log, plot)
-        except MissingExtraError as err:
-            print(f"gradwatch report: {err}", file=sys.stderr)
-            return 1
+        kind = plot_format(plot)
+        try:
+            width, height = plot_run(log, plot, format=kind)
         except OSError as err:
             return _fail(f"cannot write the figure to {str(plot)!r}: {err.strerror or err}")
-        out.print(Text(f"figure written to {plot} ({width}x{height} px)"), soft_wrap=True)
+        size = f"{width}x{height} px" if kind == "png" else kind.upper()  # vector: no pixels
+        out.print(Text(f"figure written to {plot} ({size})"), soft_wrap=True)
     if html is not None:
         try:
             _write_html(log, out, html)
@@ -95,6 +120,50 @@ def run_report(
             Text(f"plot it: gradwatch report {path} --plot run.png", style="dim"), soft_wrap=True
         )
     return 0
+
+
+class _OutputError(GradWatchError, ValueError):
+    """An output path of ``gradwatch report`` cannot be written; the message names the option."""
+
+
+def _check_outputs(
+    plot: str | os.PathLike[str] | None, html: str | os.PathLike[str] | None
+) -> None:
+    """Fail before any work on an output that cannot be written.
+
+    Raises:
+        _OutputError: A suffix ``--plot`` cannot honour, a path that is a folder, or both
+            options naming one file.
+        MissingExtraError: ``--plot`` is given and matplotlib is not installed.
+    """
+    if plot is not None:
+        from gradwatch.report.plots import plot_format
+
+        try:
+            plot_format(plot)
+        except ValueError as err:
+            raise _OutputError(f"--plot: {err}") from None
+    for option, target in (("--plot", plot), ("--html", html)):
+        if target is not None and Path(target).is_dir():
+            raise _OutputError(f"{option} {str(target)!r} is a folder; give a file name in it")
+    if plot is not None and html is not None and Path(plot).resolve() == Path(html).resolve():
+        raise _OutputError(f"--plot and --html name the same file {str(plot)!r}")
+    if plot is not None:
+        require("matplotlib", extra="plot")
+
+
+def _make_folder(option: str, target: str | os.PathLike[str]) -> None:
+    folder = Path(target).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocker = next((p for p in (folder, *folder.parents) if p.is_file()), None)
+        reason = f"{str(blocker)!r} is a file" if blocker else (err.strerror or str(err))
+        raise _OutputError(
+            f"{option} {str(target)!r}: cannot create the folder {str(folder)!r}: {reason}"
+        ) from None
+    if not os.access(folder, os.W_OK):
+        raise _OutputError(f"{option} {str(target)!r}: the folder {str(folder)!r} is not writable")
 
 
 def render_report(log: RunLog) -> list[Table | Text]:
@@ -182,8 +251,11 @@ def _header_lines(log: RunLog) -> list[Text]:
                 style="yellow",
             )
         )
-    if log.bad_lines:
-        lines.append(Text(f"{log.bad_lines} unreadable line(s) skipped", style="yellow"))
+    for number, reason in log.skipped_lines[:_SKIPPED_SHOWN]:
+        lines.append(Text(f"{log.path}:{number}: line skipped: {reason}", style="yellow"))
+    if log.bad_lines > _SKIPPED_SHOWN:
+        more = log.bad_lines - _SKIPPED_SHOWN
+        lines.append(Text(f"... and {more} more unreadable line(s) skipped", style="yellow"))
     if log.summary is None and len(log):
         lines.append(
             Text(
@@ -204,7 +276,7 @@ def _write_html(log: RunLog, console: Console, path: str | os.PathLike[str]) -> 
             from gradwatch.report.plots import plot_run
 
             buffer = io.BytesIO()
-            plot_run(log, buffer)
+            plot_run(log, buffer, format="png")
             data = base64.b64encode(buffer.getvalue()).decode("ascii")
             figure = f'<img alt="gradient norms" src="data:image/png;base64,{data}">'
         except MissingExtraError:
