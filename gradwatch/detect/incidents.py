@@ -165,7 +165,6 @@ class IncidentLog:
         """A non-finite loss whose gradients were finite (or absent): an incident of its own."""
         self.loss_nonfinite_count += 1
         loss = math.nan if report.loss is None else report.loss
-        first_act, first_sig, watched = self._first_modules(probe)
         origin = NonFiniteOrigin(
             step=report.step,
             param=None,
@@ -176,19 +175,29 @@ class IncidentLog:
             count=0,
             loss=loss,
             stage="forward",
-            first_activation=self._module_name(first_act),
-            first_activation_type=self._module_type(first_act),
-            first_signal=self._module_name(first_sig),
-            first_signal_type=self._module_type(first_sig),
-            after_spike=_recent(self._last_spike, report.step),
-            after_loss_spike=_recent(self._last_loss_spike, report.step),
-            forensics=watched,
-            rise=rise,
-            lr_change=lr_change,
+            **self._context(report.step, probe, rise, lr_change),
         )
         if len(self.loss_origins) < KEEP:
             self.loss_origins.append(origin)
         return origin
+
+    def _context(
+        self, step: int, probe: Any, rise: float | None, lr_change: float | None
+    ) -> dict[str, Any]:
+        """What every origin records besides its own values: forensics' first modules, recent
+        spikes, the trend before it."""
+        first_act, first_sig, watched = self._first_modules(probe)
+        return {
+            "first_activation": self._module_name(first_act),
+            "first_activation_type": self._module_type(first_act),
+            "first_signal": self._module_name(first_sig),
+            "first_signal_type": self._module_type(first_sig),
+            "after_spike": _recent(self._last_spike, step),
+            "after_loss_spike": _recent(self._last_loss_spike, step),
+            "forensics": watched,
+            "rise": rise,
+            "lr_change": lr_change,
+        }
 
     def _first_modules(self, probe: Any) -> tuple[int | None, int | None, bool]:
         acts = self._probe.activations
@@ -228,13 +237,13 @@ class IncidentLog:
         i = self.names.index(first)
         value = report.param_norms.get(first, math.nan)
         loss = report.loss
-        first_act, first_sig, watched = self._first_modules(probe)
+        context = self._context(report.step, probe, rise, lr_change)
         if loss is not None and not math.isfinite(loss):
             stage = "forward"
         elif loss is not None:
             stage = "backward"
-        elif watched:
-            stage = "forward" if first_act is not None else "backward"
+        elif context["forensics"]:
+            stage = "forward" if context["first_activation"] is not None else "backward"
         else:
             stage = "unknown"
         origin = NonFiniteOrigin(
@@ -247,15 +256,7 @@ class IncidentLog:
             count=len(report.nonfinite),
             loss=loss,
             stage=stage,
-            first_activation=self._module_name(first_act),
-            first_activation_type=self._module_type(first_act),
-            first_signal=self._module_name(first_sig),
-            first_signal_type=self._module_type(first_sig),
-            after_spike=_recent(self._last_spike, report.step),
-            after_loss_spike=_recent(self._last_loss_spike, report.step),
-            forensics=watched,
-            rise=rise,
-            lr_change=lr_change,
+            **context,
         )
         self.nonfinite_count += 1
         if len(self.origins) < KEEP:
