@@ -231,40 +231,29 @@ def dead_findings(run: Run) -> list[Finding]:
             span += f" (since step {since})"
         data: dict[str, float | str | None] = {"steps": streak, "params": len(names)}
         if is_missing:
+            kind, cause, places = "unused", "unused", tuple(names)
             evidence = (
                 f"{names_list(names)} received no gradient (grad is None) {span}: not used in "
                 "the forward pass"
             )
-            findings.append(
-                Finding(
-                    "unused",
-                    tuple(names),
-                    evidence,
-                    REMEDIES["unused"],
-                    {},
-                    cause="unused",
-                    severity="warning",
-                    first_step=since if since >= 0 else h.first_step,
-                    data=data,
+        else:
+            layer, victims = _dead_layer(run, index)
+            kind, cause, places = "dead", "dead_units", (layer,)
+            evidence = f"the units of `{layer}` never activate {span}: its gradient is exactly zero"
+            if victims:
+                evidence += (
+                    f", and so is every gradient before it ({names_list(victims)}): they are its "
+                    "victims, not the cause"
                 )
-            )
-            continue
-        layer, victims = _dead_layer(run, index)
-        evidence = f"the units of `{layer}` never activate {span}: its gradient is exactly zero"
-        if victims:
-            evidence += (
-                f", and so is every gradient before it ({names_list(victims)}): they are its "
-                "victims, not the cause"
-            )
-        data.update(layer=layer, victims=len(victims))
+            data.update(layer=layer, victims=len(victims))
         findings.append(
             Finding(
-                "dead",
-                (layer,),
+                kind,  # type: ignore[arg-type]
+                places,
                 evidence,
-                REMEDIES["dead_units"],
+                REMEDIES[cause],
                 {},
-                cause="dead_units",
+                cause=cause,  # type: ignore[arg-type]
                 severity="warning",
                 first_step=since if since >= 0 else h.first_step,
                 data=data,
