@@ -336,16 +336,19 @@ for argv in (["--version"], ["--help"], ["report", "--help"]):
         assert done.code == 0, (argv, done.code)
 loaded = sorted(m for m in ("torch", "numpy", "rich", "matplotlib") if m in sys.modules)
 assert not loaded, loaded
+assert main(["report", sys.argv[1]]) == 0
+assert "torch" not in sys.modules, "gradwatch report imported torch"
 """
 
 
-def test_help_and_version_import_neither_torch_nor_numpy():
+def test_help_and_version_import_neither_torch_nor_numpy(run_log):
     done = subprocess.run(
-        [sys.executable, "-c", _NO_TORCH], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", _NO_TORCH, str(run_log)], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
     assert f"gradwatch {gw.__version__}" in done.stdout
     assert "usage: gradwatch report" in done.stdout
+    assert "gradwatch summary: 40 steps" in done.stdout  # and reading a log needs no torch either
 
 
 def test_lazy_package_still_exports_every_name():
