@@ -218,6 +218,28 @@ class Run:
         self.watcher = watch
         return watch
 
+    def step(
+        self,
+        watch: Any,
+        opt: torch.optim.Optimizer,
+        model: nn.Module,
+        loss: torch.Tensor,
+        *,
+        measure: Callable[[nn.Module, dict[str, Any]], None] | None = None,
+    ) -> None:
+        """The usual step: zero_grad, backward inside ``watch.backward``, record, step.
+
+        ``measure(model, trace.extra)`` runs after backward, before the step (a scenario's own
+        measurement of the gradients).
+        """
+        opt.zero_grad()
+        with watch.backward(loss=loss):
+            loss.backward()
+        if measure is not None:
+            measure(model, self.trace.extra)
+        self.record(loss, model)
+        opt.step()
+
     def record(self, loss: torch.Tensor | float, model: nn.Module, *, scale: float = 1.0) -> None:
         """Record this step's loss and total gradient norm (call after backward, before step).
 
@@ -659,11 +681,7 @@ def _init_mlp12(run: Run) -> None:
         run.trace.extra["gain"] = float((sizes[-1] / sizes[0]) ** (1 / (len(sizes) - 1)))
     for _ in range(20):
         loss = F.mse_loss(model(x), y)
-        opt.zero_grad()
-        with watch.backward(loss=loss):
-            loss.backward()
-        run.record(loss, model)
-        opt.step()
+        run.step(watch, opt, model, loss)
     watch.close()
 
 
@@ -699,11 +717,7 @@ def _lr_gpt(run: Run) -> None:
     for _ in range(60):
         x, y = _pattern_tokens(16, 16, 5, g)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad()
-        with watch.backward(loss=loss):
-            loss.backward()
-        run.record(loss, model)
-        opt.step()
+        run.step(watch, opt, model, loss)
     watch.close()
 
 
@@ -740,11 +754,7 @@ def _lr_mlp_sgd(run: Run) -> None:
         x = 2.0 * torch.randn(32, 10, generator=g)
         y = x @ w + 0.1 * torch.randn(32, 1, generator=g)
         loss = F.mse_loss(model(x), y)
-        opt.zero_grad()
-        with watch.backward(loss=loss):
-            loss.backward()
-        run.record(loss, model)
-        opt.step()
+        run.step(watch, opt, model, loss)
     watch.close()
 
 
@@ -835,11 +845,7 @@ def _lr_rise(run: Run) -> None:
         x = torch.randn(32, 12, generator=g)
         y = torch.sin(x @ w)
         loss = F.mse_loss(model(x), y)
-        opt.zero_grad()
-        with watch.backward(loss=loss):
-            loss.backward()
-        run.record(loss, model)
-        opt.step()
+        run.step(watch, opt, model, loss)
         sched.step()
     watch.close()
 
@@ -908,11 +914,7 @@ def _data_outlier(run: Run) -> None:
     for step in range(60):
         x, y = x_all[step * 16 : (step + 1) * 16], y_all[step * 16 : (step + 1) * 16]
         loss = F.mse_loss(model(x), y)
-        opt.zero_grad()
-        with watch.backward(loss=loss):
-            loss.backward()
-        run.record(loss, model)
-        opt.step()
+        run.step(watch, opt, model, loss)
     watch.close()
 
 
@@ -945,11 +947,7 @@ def _data_nan_input(run: Run) -> None:
         if not torch.isfinite(x).all():
             run.trace.extra.setdefault("nan_input_step", step)
         loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        with watch.backward(loss=loss):
-            loss.backward()
-        run.record(loss, model)
-        opt.step()
+        run.step(watch, opt, model, loss)
     watch.close()
 
 
@@ -1040,11 +1038,7 @@ def _rnn_relu(run: Run) -> None:
         x = torch.rand(16, 50, 4, generator=g)
         y = x.mean(dim=(1, 2)).unsqueeze(1)
         loss = F.mse_loss(model(x), y)
-        opt.zero_grad()
-        with watch.backward(loss=loss):
-            loss.backward()
-        run.record(loss, model)
-        opt.step()
+        run.step(watch, opt, model, loss)
     watch.close()
 
 
@@ -1147,11 +1141,7 @@ def _loss_log_relu(run: Run) -> None:
         x = torch.randn(32, 6, generator=g)
         y = torch.softmax(2 * torch.randn(32, 5, generator=g), dim=1)
         loss = -(y * torch.log(torch.relu(model(x)))).mean()
-        opt.zero_grad()
-        with watch.backward(loss=loss):
-            loss.backward()
-        run.record(loss, model)
-        opt.step()
+        run.step(watch, opt, model, loss)
     watch.close()
 
 
@@ -1223,11 +1213,7 @@ def _module_log(run: Run) -> None:
         steps["now"] = step
         x, y = torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)
         loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        with watch.backward(loss=loss):
-            loss.backward()
-        run.record(loss, model)
-        opt.step()
+        run.step(watch, opt, model, loss)
     handle.remove()
     watch.close()
 
@@ -1262,11 +1248,7 @@ def _module_standardize(run: Run) -> None:
         steps["now"] = step
         x, y = _bars(16, g)
         loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        with watch.backward(loss=loss):
-            loss.backward()
-        run.record(loss, model)
-        opt.step()
+        run.step(watch, opt, model, loss)
     handle.remove()
     watch.close()
 
@@ -1663,12 +1645,7 @@ def _sat_sigmoid(run: Run) -> None:
     for _ in range(40):
         x = torch.randn(32, 16, generator=g)
         loss = F.mse_loss(model(x), torch.tanh(x @ w))
-        opt.zero_grad()
-        with watch.backward(loss=loss):
-            loss.backward()
-        _layer_grad_norms(model, run.trace.extra)
-        run.record(loss, model)
-        opt.step()
+        run.step(watch, opt, model, loss, measure=_layer_grad_norms)
     watch.close()
 
 
@@ -1690,12 +1667,7 @@ def _sat_sigmoid_cnn(run: Run) -> None:
     for _ in range(30):
         x, y = _bars(16, g)
         loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        with watch.backward(loss=loss):
-            loss.backward()
-        _layer_grad_norms(model, run.trace.extra)
-        run.record(loss, model)
-        opt.step()
+        run.step(watch, opt, model, loss, measure=_layer_grad_norms)
     watch.close()
 
 
@@ -1738,12 +1710,7 @@ def _init_vanishing(run: Run) -> None:
         y = torch.randint(0, 3, (32,), generator=g)
         x = centers[y] + 0.5 * torch.randn(32, 16, generator=g)
         loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        with watch.backward(loss=loss):
-            loss.backward()
-        _layer_grad_norms(model, run.trace.extra)
-        run.record(loss, model)
-        opt.step()
+        run.step(watch, opt, model, loss, measure=_layer_grad_norms)
     watch.close()
 
 
@@ -1772,12 +1739,7 @@ def _sat_tanh(run: Run) -> None:
         y = torch.randint(0, 3, (32,), generator=g)
         x = centers[y] + 0.5 * torch.randn(32, 16, generator=g)
         loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        with watch.backward(loss=loss):
-            loss.backward()
-        _layer_grad_norms(model, run.trace.extra)
-        run.record(loss, model)
-        opt.step()
+        run.step(watch, opt, model, loss, measure=_layer_grad_norms)
     watch.close()
 
 
@@ -1930,11 +1892,7 @@ def _healthy_lstm(run: Run) -> None:
     for _ in range(120):
         x, y = _pattern_tokens(16, 20, 11, g)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad()
-        with watch.backward(loss=loss):
-            loss.backward()
-        run.record(loss, model)
-        opt.step()
+        run.step(watch, opt, model, loss)
     watch.close()
 
 
@@ -1957,11 +1915,7 @@ def _healthy_gpt(run: Run) -> None:
     for _ in range(120):
         x, y = _pattern_tokens(16, 12, 7, g)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad()
-        with watch.backward(loss=loss):
-            loss.backward()
-        run.record(loss, model)
-        opt.step()
+        run.step(watch, opt, model, loss)
         sched.step()
     watch.close()
 
@@ -1986,11 +1940,7 @@ def _healthy_noisy(run: Run) -> None:
         x = torch.randn(2, 5, generator=g)
         y = x @ w + 0.3 * torch.randn(2, 1, generator=g)
         loss = F.mse_loss(model(x), y)
-        opt.zero_grad()
-        with watch.backward(loss=loss):
-            loss.backward()
-        run.record(loss, model)
-        opt.step()
+        run.step(watch, opt, model, loss)
     watch.close()
 
 
@@ -2015,11 +1965,7 @@ def _healthy_lr_up(run: Run) -> None:
         x = torch.randn(32, 8, generator=g)
         y = (x @ w).argmax(1)
         loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        with watch.backward(loss=loss):
-            loss.backward()
-        run.record(loss, model)
-        opt.step()
+        run.step(watch, opt, model, loss)
         sched.step()
     watch.close()
 
@@ -2044,11 +1990,7 @@ def _healthy_resnet(run: Run) -> None:
     for _ in range(160):
         x = torch.randn(32, 12, generator=g)
         loss = F.mse_loss(model(x), torch.sin(x @ w))
-        opt.zero_grad()
-        with watch.backward(loss=loss):
-            loss.backward()
-        run.record(loss, model)
-        opt.step()
+        run.step(watch, opt, model, loss)
         sched.step()
     watch.close()
 
@@ -2217,11 +2159,7 @@ def _healthy_deep_relu(run: Run) -> None:
         y = torch.randint(0, 4, (32,), generator=g)
         x = centers[y] + torch.randn(32, 16, generator=g)
         loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        with watch.backward(loss=loss):
-            loss.backward()
-        run.record(loss, model)
-        opt.step()
+        run.step(watch, opt, model, loss)
     watch.close()
 
 
@@ -2255,11 +2193,7 @@ def _healthy_gru(run: Run) -> None:
         x = torch.randn(32, 30, 1, generator=g)
         y = (x.sum(dim=(1, 2)) > 0).long()
         loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        with watch.backward(loss=loss):
-            loss.backward()
-        run.record(loss, model)
-        opt.step()
+        run.step(watch, opt, model, loss)
     watch.close()
 
 
@@ -2287,9 +2221,5 @@ def _healthy_tanh(run: Run) -> None:
         x = torch.randn(32, 8, generator=g)
         y = torch.tanh(x @ w) + 0.05 * torch.randn(32, 1, generator=g)
         loss = F.mse_loss(model(x), y)
-        opt.zero_grad()
-        with watch.backward(loss=loss):
-            loss.backward()
-        run.record(loss, model)
-        opt.step()
+        run.step(watch, opt, model, loss)
     watch.close()
