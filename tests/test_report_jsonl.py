@@ -14,7 +14,8 @@ from torch import nn
 import gradwatch as gw
 from gradwatch.errors import ConfigError, GradWatchError
 from gradwatch.records import ParamInfo, ParamNorms, RunStart, StepReport
-from gradwatch.report.jsonl import JsonlSink, RunLogExistsError, decode_float, encode_value
+from gradwatch.report.jsonl import JsonlSink, RunLogExistsError
+from gradwatch.report.logformat import decode_float, encode_value
 from gradwatch.report.runlog import RunLogError, RunLogNotFoundError, read_run
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from gradwatch.errors import GradWatchError
 from gradwatch.records import Event, ParamInfo, RunStart, RunSummary
-from gradwatch.report.jsonl import (
+from gradwatch.report.logformat import (
     FORMAT,
     FORMAT_VERSION,
     LogFieldError,
