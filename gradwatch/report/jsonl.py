@@ -24,10 +24,10 @@ Format (``"format": "gradwatch.jsonl"``, version 1), one object per line, told a
 * ``summary``: the :class:`~gradwatch.records.RunSummary`, with per-layer statistics.
 
 Non-finite numbers are written as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``, so
-any standard JSON reader (``json``, ``jq``, pandas) accepts the file; :func:`~gradwatch.report.logformat.decode_float` and the
-reader turn them back into floats. In an event's ``data`` they stay strings when read back, since
-there a string such as ``"NaN"`` can also be a label: a non-finite event's ``{"what": "NaN"}``
-(``"NaN"`` or ``"Inf"``; older logs call it ``"value"``, which :func:`~gradwatch.report.logformat.decode_event` reads back
+any standard JSON reader (``json``, ``jq``, pandas) accepts the file; the reader turns them back
+into floats (:mod:`gradwatch.report.logformat`). In an event's ``data`` they stay strings when
+read back, since there a string such as ``"NaN"`` can also be a label: a non-finite event's
+``{"what": "NaN"}`` (``"NaN"`` or ``"Inf"``; older logs call it ``"value"``, which is read back
 as ``"what"``).
 """
 
