@@ -27,7 +27,7 @@ import torch
 
 from gradwatch._version import __version__
 from gradwatch.act.clip import EPS, Clipper, scale_
-from gradwatch.act.skip import StepGuard, drop_gradients
+from gradwatch.act.skip import BufferSnapshot, SkipHold, StepGuard, optimizer_params
 from gradwatch.alerts import policy_error
 from gradwatch.collect.distributed import (
     RankBlame,
@@ -71,7 +71,7 @@ from gradwatch.records import (
     RunSummary,
     StepReport,
 )
-from gradwatch.report.base import Sink, SinkGroup, StepAggregator
+from gradwatch.report.base import Sink, SinkGroup, StepAggregator, _outside_gradwatch
 
 __all__ = ["BackwardScope", "GradWatch"]
 
@@ -92,8 +92,16 @@ class GradWatch:
     Args:
         model: An ``nn.Module`` or an iterable of ``(name, parameter)`` pairs.
         clip: A clipper (``ClipNorm``, ``ClipValue``, ...) applied at every check, or None.
-        on_nonfinite: On a NaN/Inf gradient: ``"warn"`` (report only), ``"skip"`` (the optimizer
-            step changes nothing) or ``"raise"`` (:class:`~gradwatch.NonFiniteGradientError`).
+        on_nonfinite: On a NaN/Inf gradient: ``"warn"`` (report only), ``"skip"`` (the step
+            changes nothing in the model: parameters, optimizer state and buffers, such as
+            BatchNorm statistics, stay as they were) or ``"raise"``
+            (:class:`~gradwatch.NonFiniteGradientError`). With an attached optimizer its step
+            runs with the gradients hidden (``p.grad = None``: torch optimizers leave such a
+            parameter and its state alone); without one the gradients are zeroed in place, so a
+            hand-written update (``p.data.add_(p.grad, alpha=-lr)``) adds nothing, and hidden
+            from any torch optimizer stepping before the next backward. Buffers are copied on
+            the device after every step that goes through (one fused copy per step) and copied
+            back on a skip; a buffer that cannot be is named in a warning.
         on_spike: On a gradient-norm spike: ``"warn"``, ``"clip"`` (rescale to the detector's
             threshold), ``"skip"`` or ``"raise"`` (:class:`~gradwatch.GradientSpikeError`).
         sinks: Where records go. None means one :class:`~gradwatch.ConsoleSink`; ``[]`` means none.
@@ -223,12 +231,16 @@ class GradWatch:
             norm_type=self.norm_type,
             clip=self.clipper.config() if self.clipper is not None else None,
         )
+        self._skips = "skip" in (self.on_nonfinite, self.on_spike)
         self._bind(watched)
         self._changes = ParamChanges(self._module, watched)
         self._step = 0
         self._micro_losses: list[Any] = []
         self._micro_batches = 0
         self._guard: StepGuard | None = None
+        self._snapshot = None
+        if self._skips and self._module is not None:
+            self._snapshot = BufferSnapshot(self._module)
         self._writes_coef = clip is not None or self.on_spike == "clip"
         self._last_skip = False
         self._closed = False
@@ -299,11 +311,15 @@ class GradWatch:
         gradients. Pass the ``torch.amp.GradScaler`` stepping this optimizer to have the steps it
         skips (inf/NaN found) reported as skipped, with the loss scale.
 
+        The check runs from the optimizer's step pre-hook: ``optimizer.step`` itself is not
+        replaced, so LR schedulers created before or after ``attach`` see the step they expect.
+
         Returns:
             The watcher, for chaining.
 
         Raises:
             TypeError: ``optimizer`` has no ``step`` method or ``scaler`` no ``step`` method.
+            ValueError: ``optimizer`` updates none of the watched parameters.
             StateError: Already attached, or closed.
         """
         self._ensure_open("attach")
@@ -315,6 +331,14 @@ class GradWatch:
         if not callable(getattr(optimizer, "step", None)):
             raise ConfigTypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        params = optimizer_params(optimizer)
+        if params is not None and not any(id(p) in self._watched.position for p in params):
+            raise ConfigError(
+                f"optimizer ({type(optimizer).__name__}) updates none of the "
+                f"{len(self.names)} parameters this GradWatch watches: its {len(params)} "
+                "parameters belong to another model (a copy made with copy.deepcopy, an EMA "
+                "model?); attach the optimizer built over the watched model's parameters"
             )
         if scaler is not None and not callable(getattr(scaler, "step", None)):
             raise ConfigTypeError(
@@ -337,7 +361,11 @@ class GradWatch:
         only records the loss and leaves the check to ``optimizer.step()``.
 
         Args:
-            loss: The loss being backpropagated (tensor or float), for loss-spike detection.
+            loss: The loss being backpropagated (a one-element tensor or a float), for
+                loss-spike detection.
+
+        Raises:
+            ValueError: ``loss`` has more than one element (reduce it first).
         """
         self._ensure_open("backward")
         detached = _detached(loss) if loss is not None else None  # validate before backward runs
@@ -359,11 +387,13 @@ class GradWatch:
         """Check the gradients present now: norms, NaN/Inf, spikes; clip; apply policies.
 
         Works whether or not a backward pass was seen by the hooks. Without an attached optimizer
-        a "skip" decision drops the gradients (``p.grad = None``), so the following
-        ``optimizer.step()`` of any standard torch optimizer changes nothing.
+        a "skip" decision zeroes the gradients in place, so a hand-written update adds nothing,
+        and hides them (``p.grad = None``) from every torch optimizer step until the next
+        backward, so the following ``optimizer.step()`` changes nothing either, momentum and
+        Adam state included. Buffers are put back as they were after the last step.
 
         Args:
-            loss: This step's loss (tensor or float), or None.
+            loss: This step's loss (a one-element tensor or a float), or None.
 
         Returns:
             The step's report. Its numbers are copied to the host on first access.
@@ -420,6 +450,8 @@ class GradWatch:
         self.detach()
         self._unbind()
         self._changes.remove()
+        if self._snapshot is not None:
+            self._snapshot.remove()
         self._sink_finalizer.detach()
         atexit.unregister(self._exit_hook)
         self._sinks.write(self._final)
@@ -499,6 +531,10 @@ class GradWatch:
         self._arrivals = ArrivalOrder(watched.params, watched.position)
         self._emission.bind(self._ring, self._arrivals.positions)
         self._finalizer = weakref.finalize(self, ArrivalOrder.remove, self._arrivals)
+        self._hold = None
+        if self._skips:
+            arrivals = self._arrivals
+            self._hold = SkipHold(watched.params, lambda: bool(arrivals.snapshot()))
         self._micro = MicroBatchNorms(watched.params) if self._track_micro else None
         if self._micro is not None:
             weakref.finalize(self, MicroBatchNorms.remove, self._micro)
@@ -515,6 +551,8 @@ class GradWatch:
         self._finalizer.detach()
         self._probe.remove()
         self._probe_finalizer.detach()
+        if self._hold is not None:
+            self._hold.remove()
         if self._micro is not None:
             self._micro.remove()
 
@@ -526,6 +564,8 @@ class GradWatch:
         A changed set of names (a module added, a parameter unfrozen) cannot be merged into the
         run's history: the watcher warns once, naming them, and goes on with the original set.
         """
+        if self._snapshot is not None:
+            self._snapshot.mark_dirty()  # a module added may bring buffers
         current = self._changes.resolve()
         if current.names == self.names:
             same = all(map(operator.is_, current.params, self._watched.params))
@@ -565,6 +605,8 @@ class GradWatch:
         self._ensure_open("check")
         if self._changes.changed():
             self._refresh()
+        if self._hold is not None:
+            self._hold.clear()
         ring = self._ring
         if ring.written - ring.read >= ring.capacity:
             self._emission.drain(wait=True, upto=ring.read)
@@ -590,7 +632,12 @@ class GradWatch:
             elif self._writes_coef:
                 slot.coef.fill_(1.0)
             if action == "skipped" and not from_optimizer and batch is not None:
-                drop_gradients(self._watched.params)
+                self._hold.skip()  # type: ignore[union-attr]
+            if self._snapshot is not None:
+                if self._last_skip:
+                    self._restore_buffers()
+                else:
+                    self._snapshot.take()
         ring.commit(number)
 
         # Resolved through self: a report not yet filled keeps its watcher (hooks, sinks) alive.
@@ -633,7 +680,7 @@ class GradWatch:
                 [torch.as_tensor(v, dtype=out.dtype, device=out.device) for v in losses]
             ).mean()
         if isinstance(loss, torch.Tensor):
-            out.copy_(loss.reshape(()) if loss.numel() == 1 else loss.mean())
+            out.copy_(loss.reshape(()))
         else:
             out.fill_(float(loss))
         self._micro_losses = []
@@ -646,6 +693,17 @@ class GradWatch:
             return False
         out.copy_(scale.reshape(()))
         return True
+
+    def _restore_buffers(self) -> None:
+        failed = self._snapshot.restore()  # type: ignore[union-attr]
+        if failed:
+            warnings.warn(
+                f"gradwatch: step {self._step} was skipped, but {len(failed)} buffer(s) of the "
+                "model could not be put back and keep what this step's forward pass wrote: "
+                f"{_listed(failed)}",
+                GradWatchWarning,
+                stacklevel=_outside_gradwatch(),
+            )
 
     def _decide(self, slot: Slot) -> tuple[str | None, str | None]:
         """Skip/raise decisions that must be made now. The only place the host waits.
@@ -732,6 +790,11 @@ def _close_at_exit(ref: weakref.ReferenceType[GradWatch]) -> Any:
 
 def _detached(loss: Any) -> Any:
     if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ConfigError(
+                f"loss must be a scalar (one element), got a tensor of shape {tuple(loss.shape)}: "
+                "reduce it first (e.g. loss.mean()) and pass what you backpropagate"
+            )
         return loss.detach()
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
         return float(loss)

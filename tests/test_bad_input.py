@@ -62,6 +62,36 @@ REJECTED = [
     ("health_detector", lambda: _watch(health_detector="x"), TypeError, r"HealthDetector .*str"),
     ("rank_blame, no DDP", lambda: _watch(rank_blame=True), ValueError, r"DistributedData"),
     ("attach None", lambda: _watch().attach(None), TypeError, r"Optimizer, got NoneType"),
+    (
+        "attach another model's optimizer",
+        lambda: _watch().attach(torch.optim.SGD(_linear().parameters(), lr=0.1)),
+        ValueError,
+        r"optimizer \(SGD\) updates none of the 2 parameters this GradWatch watches",
+    ),
+    (
+        "model.parameters()",
+        lambda: gw.GradWatch(_linear().parameters()),
+        TypeError,
+        r"got a bare Parameter of shape \(2, 2\) .*GradWatch\(model\.named_parameters\(\)\)",
+    ),
+    (
+        "lazy module",
+        lambda: gw.GradWatch(nn.LazyLinear(2)),
+        ValueError,
+        r"parameter 'weight' is not initialised yet .*run one forward pass",
+    ),
+    (
+        "backward loss vector",
+        lambda: _watch().backward(loss=torch.ones(3)).__enter__(),
+        ValueError,
+        r"loss must be a scalar \(one element\), got a tensor of shape \(3,\)",
+    ),
+    (
+        "check loss matrix",
+        lambda: _watch().check(loss=torch.ones(2, 2)),
+        ValueError,
+        r"loss must be a scalar .*shape \(2, 2\): reduce it first",
+    ),
     ("check loss list", lambda: _watch().check(loss=[1.0]), TypeError, r"number, got list"),
     ("check loss bool", lambda: _watch().check(loss=True), TypeError, r"number, got bool"),
     ("ClipNorm None", lambda: gw.ClipNorm(None), TypeError, r"max_norm\) .*got None"),
@@ -119,6 +149,25 @@ def test_rejected_with_a_clear_message(call, exc, pattern) -> None:
     with pytest.raises(exc, match=pattern) as info:
         call()
     assert isinstance(info.value, gw.GradWatchError)  # one root, and the matching builtin
+
+
+def test_bare_parameters_are_described_not_printed() -> None:
+    model = nn.Linear(300, 200)
+    for given in (model.parameters(), list(model.parameters())):
+        with pytest.raises(TypeError) as info:
+            gw.GradWatch(given)
+        message = str(info.value)
+        assert "tensor(" not in message and "Parameter containing" not in message
+        assert len(message) < 300 and "shape (200, 300)" in message
+
+
+def test_a_loss_of_one_element_in_any_shape_is_a_scalar() -> None:
+    model = _linear()
+    watch = gw.GradWatch(model, sinks=[])
+    model(torch.ones(1, 2)).sum().backward()
+    with watch.backward(loss=torch.full((1, 1), 2.5)):
+        pass
+    assert watch.history[-1].loss == 2.5
 
 
 def test_jsonl_sink_arguments(tmp_path: Path) -> None:

@@ -118,6 +118,13 @@ class RankBlame:
     def take(self) -> Tensor:
         """Flags of all ranks for the step just finished (a collective: every rank calls it)."""
         flags = torch.zeros(world_size(), dtype=torch.int32, device=self.device)
-        dist.all_gather_into_tensor(flags, self._local_bad.reshape(1))
+        _all_gather_single(flags, self._local_bad.reshape(1))
         self._local_bad.zero_()
         return flags
+
+
+def _all_gather_single(output: Tensor, local: Tensor) -> None:
+    """``dist.all_gather_single`` where torch has it (``all_gather_into_tensor`` is deprecated
+    there, with a FutureWarning), else ``all_gather_into_tensor`` (its older name)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, local)

@@ -6,6 +6,7 @@ name), frozen parameters are left out, buffers are never parameters.
 
 from __future__ import annotations
 
+import reprlib
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -56,7 +57,8 @@ def resolve_params(model: object) -> WatchedParams:
 
     Raises:
         TypeError: ``model`` is neither.
-        ValueError: It has no parameter that requires a gradient, or one lives on the meta device.
+        ValueError: It has no parameter that requires a gradient, or one lives on the meta device
+            or is not initialised yet (a lazy module before its first forward).
     """
     owner_types: dict[int, str] = {}
     modules: tuple[tuple[str, str], ...] = ()
@@ -80,12 +82,15 @@ def resolve_params(model: object) -> WatchedParams:
     seen: set[int] = set()
     for item in named:
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor)):
-            raise ConfigTypeError(
-                f"model must yield (name, parameter) pairs, got {item!r} ({type(item).__name__})"
-            )
+            raise ConfigTypeError(_not_a_pair(item))
         name, p = item
         if id(p) in seen or not p.requires_grad:
             continue
+        if isinstance(p, nn.parameter.UninitializedParameter):
+            raise ConfigError(
+                f"parameter {name!r} is not initialised yet (a lazy module such as LazyLinear): "
+                "run one forward pass with a sample batch before creating the GradWatch"
+            )
         if p.is_meta:
             raise ConfigError(
                 f"parameter {name!r} is on the meta device and can never have a gradient; "
@@ -99,6 +104,33 @@ def resolve_params(model: object) -> WatchedParams:
             f"{what} has no parameter with requires_grad=True, so there is no gradient to watch"
         )
     return WatchedParams(names, params, [owner_types.get(id(p), "") for p in params], modules)
+
+
+def _not_a_pair(item: object) -> str:
+    """Why an element of ``model`` is not a (name, parameter) pair, and what to pass instead."""
+    if isinstance(item, torch.Tensor):
+        return (
+            "model must be an nn.Module or yield (name, parameter) pairs, got a bare "
+            f"{_describe(item)} without a name (from model.parameters()?): pass the model "
+            "itself, GradWatch(model), or GradWatch(model.named_parameters()), so that every "
+            "gradient is reported under its name"
+        )
+    shown = reprlib.repr(item)
+    if isinstance(item, tuple):
+        shown = "(" + ", ".join(_describe(v) for v in item) + ")"
+    hint = " (a dict? pass its .items())" if isinstance(item, str) else ""
+    return (
+        f"model must yield (name, parameter) pairs, got {shown} ({type(item).__name__}){hint}; "
+        "pass the model itself or model.named_parameters()"
+    )
+
+
+def _describe(value: object) -> str:
+    """A tensor as its kind and shape, never its values; anything else as a short repr."""
+    if isinstance(value, torch.Tensor):
+        kind = "Parameter" if isinstance(value, nn.Parameter) else "tensor"
+        return f"{kind} of shape {tuple(value.shape)}"
+    return reprlib.repr(value)
 
 
 class ParamChanges:
