@@ -179,8 +179,8 @@ def test_jsonl_sink_arguments(tmp_path: Path) -> None:
     path.write_text("")
     with pytest.raises(RunLogExistsError, match=r"run\.jsonl' already exists; .*mode=\"a\""):
         JsonlSink(path)
-    with pytest.raises(FileNotFoundError, match=r"missing/run\.jsonl"):
-        JsonlSink(tmp_path / "missing" / "run.jsonl")
+    JsonlSink(tmp_path / "missing" / "run.jsonl").close()  # a missing folder is created
+    assert (tmp_path / "missing" / "run.jsonl").is_file()
     with pytest.raises(IsADirectoryError, match=str(tmp_path)):
         JsonlSink(tmp_path, mode="a")
     with pytest.raises(TypeError, match=r"not NoneType"):

@@ -337,6 +337,8 @@ class BufferSnapshot:
         if self._dirty or not self._current():
             self._build()
             return
+        if not self._groups:
+            return  # a model without buffers
         try:
             with torch.no_grad():
                 for copies, buffers in self._groups:
