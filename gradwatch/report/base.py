@@ -135,11 +135,20 @@ class SinkGroup:
         )
 
 
+_TORCH_OPTIM = f"{os.sep}torch{os.sep}optim{os.sep}"
+
+
 def _outside_gradwatch() -> int:
-    """``stacklevel`` of the nearest caller outside gradwatch, for the caller of ``_disable``."""
+    """``stacklevel`` of the nearest caller outside gradwatch, for the caller of ``_disable``.
+
+    Frames of torch's optimizers are skipped too: an attached watcher checks from their step
+    hook, and the warning belongs to the loop that called ``optimizer.step()``.
+    """
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
     frame, level = sys._getframe(1), 1  # level 1 is _disable itself
-    while frame is not None and frame.f_code.co_filename.startswith(package):
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(package) or _TORCH_OPTIM in frame.f_code.co_filename
+    ):
         frame, level = frame.f_back, level + 1
     return level
 
