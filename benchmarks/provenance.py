@@ -141,20 +141,25 @@ def hook_share(key: str, steps: int) -> str:
     from gradwatch.collect import activations, forensics
 
     spent = [0.0]
+    inside = [False]  # a timed call made by another timed call is counted once
     patched = []
     for cls, name in (
-        (activations._Recorder, "__call__"),  # the global hook: every module call
-        (activations._Recorder, "_on_signal"),
+        (activations._Recorder, "record"),  # every module call of the model
+        (activations._CallBuffer, "record"),  # and every backward signal
         (forensics.StepProbe, "capture"),
     ):
         original = getattr(cls, name)
 
         def timed(self, *args, _original=original, **kwargs):
+            if inside[0]:
+                return _original(self, *args, **kwargs)
+            inside[0] = True
             start = time.perf_counter()
             try:
                 return _original(self, *args, **kwargs)
             finally:
                 spent[0] += time.perf_counter() - start
+                inside[0] = False
 
         patched.append((cls, name, original))
         setattr(cls, name, timed)

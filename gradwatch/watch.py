@@ -123,12 +123,13 @@ class GradWatch:
             :meth:`backward` scope) to find a bad micro-batch under gradient accumulation; costs
             a Python hook call per parameter per backward.
         forensics: Watch every module call of the model, parameter-free ones included, through
-            one global forward hook that stores nothing on the model (``model`` must be an
-            ``nn.Module``), to record each one's largest activation in forward order and largest
-            backpropagated signal (gradient of its output) in backward order, on the device:
-            names the first module whose output went NaN/Inf, and shows the signal's growth
-            through depth in :meth:`diagnose`. No host sync per step; two small reductions and
-            two Python hook calls per module call.
+            each module's call slot (nothing ``torch.save`` writes, no global hook; ``model``
+            must be an ``nn.Module``), to record each one's largest activation in forward order
+            and largest backpropagated signal (gradient of its output) in backward order, on the
+            device: names the first module whose output went NaN/Inf, and shows the signal's
+            growth through depth in :meth:`diagnose`. No host sync per step; two small
+            reductions (one for a ``ReLU``) and two Python calls per module call. A model run
+            through ``torch.compile`` is not recorded (its modules run in the compiled graph).
         health_detector: Keeps per-layer gradient health for :meth:`diagnose` (default
             ``HealthDetector()``; pass one to set ``dead_after``).
 

@@ -6,8 +6,11 @@ forensics hooks must not read a device value on the host during a clean step.
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
+import zipfile
+from typing import Any
 
 import pytest
 import torch
@@ -250,19 +253,37 @@ def test_forensics_makes_no_host_reads_on_clean_steps() -> None:
 
 
 def _global_hooks() -> int:
-    return len(torch.nn.modules.module._global_forward_hooks)
+    module = torch.nn.modules.module
+    return sum(
+        len(getattr(module, name))
+        for name in (
+            "_global_forward_hooks",
+            "_global_forward_pre_hooks",
+            "_global_backward_hooks",
+            "_global_backward_pre_hooks",
+        )
+    )
+
+
+def _module_state(model: nn.Module) -> list[tuple[int, int, bool]]:
+    """What gradwatch could leave on the modules: hooks, and a routed call slot."""
+    return [
+        (len(m._forward_hooks), len(m._forward_pre_hooks), "_compiled_call_impl" in vars(m))
+        for m in model.modules()
+    ]
 
 
 def test_close_removes_the_forensics_hooks() -> None:
     model = _log_model()
-    before = [len(m._forward_hooks) for m in model.modules()]
+    before = _module_state(model)
     hooks = _global_hooks()
     watch = gw.GradWatch(model, sinks=[], forensics=True)
-    assert _global_hooks() == hooks + 1  # one global hook, nothing on the modules
-    assert [len(m._forward_hooks) for m in model.modules()] == before
+    assert _global_hooks() == hooks  # no global hook: other models run untouched
+    assert [state[:2] for state in _module_state(model)] == [state[:2] for state in before]
+    assert all(routed for _, _, routed in _module_state(model))  # every call slot is routed
     watch.close()
     assert _global_hooks() == hooks
-    assert [len(m._forward_hooks) for m in model.modules()] == before
+    assert _module_state(model) == before
 
 
 def test_finite_outputs_with_an_overflowing_loss_blame_the_loss() -> None:
@@ -473,6 +494,46 @@ def test_an_in_place_activation_is_recorded_after_its_change() -> None:
     assert float(row.forward[names["act"]]) == pytest.approx(relu)  # after the in-place ReLU
 
 
+def test_relu_records_are_the_max_abs_of_what_they_returned() -> None:
+    """A ReLU's record is derived from its input's (relu of its min and max), never reduced
+    again: exact, -inf and NaN included, and not derived where a hook changed the call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(inplace=True), nn.ReLU(),
+        nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(),
+    )  # fmt: skip
+    with torch.no_grad():
+        model[0].weight[0] = -3e38  # feature 0 is -inf, made 0 by the ReLU
+        model[7].weight[1] = math.nan  # feature 1 is NaN through the ReLU
+    model[6].register_forward_hook(lambda m, args, out: out * 3)  # another output
+    model[8].register_forward_pre_hook(lambda m, args: (args[0] - 1,))  # another input
+    expected: dict[str, float] = {}
+
+    def keep(name: str) -> Any:
+        def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+            expected.setdefault(name, out.abs().max().item())
+
+        return hook
+
+    for name, child in model.named_children():  # after those hooks: sees what flows on
+        child.register_forward_hook(keep(name))
+    watch = gw.GradWatch(model, sinks=[], forensics=True)
+    acts = watch._probe.activations
+    recorder = acts._recorder
+    loss = model(torch.rand(8, 4)).sum()
+    derived = {acts.names[recorder.forward.calls[p]] for p in recorder.derived}
+    with watch.backward(loss=loss):
+        loss.backward()
+    watch.flush()
+    row = acts.read(acts._ring.written - 1)
+    watch.close()
+    assert derived == {"1", "3", "4", "10"}  # not the ReLUs whose call a hook changed
+    assert math.isinf(expected["0"]) and math.isnan(expected["7"])  # the premise
+    names = dict(zip(acts.names, range(len(acts.names))))
+    recorded = {name: float(row.forward[names[name]]) for name in expected}
+    assert recorded == pytest.approx(expected, rel=0, abs=0, nan_ok=True)
+
+
 class WordModel(nn.Module):
     """A model saved whole, as pytorch/examples' word_language_model does."""
 
@@ -507,6 +568,115 @@ def test_the_whole_model_saves_and_loads_weights_only_while_watched(tmp_path, op
     assert len(watch.history) == 3
 
 
+def _pickled(model: nn.Module) -> bytes:
+    """The pickle ``torch.save(model)`` writes (the archive's other records carry a fresh id)."""
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    with zipfile.ZipFile(buffer) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+        return archive.read(name)
+
+
+def test_torch_save_writes_the_same_pickle_while_watched() -> None:
+    torch.manual_seed(0)
+    model = WordModel()
+    bare = _pickled(model)
+    watch = gw.GradWatch(model, sinks=[], forensics=True)
+    _train_step(watch, model, torch.rand(8, 4))
+    assert _pickled(model) == bare  # gradwatch routes the calls through nothing torch pickles
+    watch.close()
+
+
+def _compile_counter() -> tuple[list[object], Any]:
+    graphs: list[object] = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return graphs, backend
+
+
+@pytest.mark.parametrize("forensics", [False, True], ids=["default", "forensics"])
+def test_a_compiled_model_watched_makes_torch_warn_about_nothing(tmp_path, forensics) -> None:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = WordModel()
+    graphs, backend = _compile_counter()
+    compiled = torch.compile(model, backend=backend)
+    x = torch.rand(8, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        watch = gw.GradWatch(compiled, sinks=[], forensics=forensics)
+        for _ in range(3):
+            _train_step(watch, compiled, x)
+        torch.save(model, tmp_path / "model.pt")  # the watcher open
+        with torch.serialization.safe_globals([WordModel, nn.Sequential, nn.Linear, nn.Tanh]):
+            loaded = torch.load(tmp_path / "model.pt")
+        watch.close()
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
+    assert len(graphs) == 1  # compiled once: nothing of gradwatch's is traced or guarded on
+    assert len(watch.history) == 3
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_an_eager_model_watched_beside_a_compiled_one_is_recorded_quietly() -> None:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, other = WordModel(), WordModel()
+    graphs, backend = _compile_counter()
+    fast = torch.compile(other, backend=backend)
+    x = torch.rand(8, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        watch = gw.GradWatch(model, sinks=[], forensics=True)
+        acts = watch._probe.activations
+        for _ in range(3):
+            fast(x).sum().backward()  # e.g. a compiled teacher, or a loss network
+            _train_step(watch, model, x)
+        watch.flush()
+        row = acts.read(acts._ring.written - 1)
+        watch.close()
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
+    assert len(graphs) == 1
+    assert (row.forward > 0).all() and (row.backward > 0).all()  # every module recorded
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_model_compiled_in_place_keeps_its_compiled_call(when) -> None:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = WordModel()
+    graphs, backend = _compile_counter()
+    x = torch.rand(8, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if when == "before":
+            model.compile(backend=backend)
+        watch = gw.GradWatch(model, sinks=[], forensics=True)
+        if when == "after":
+            model.compile(backend=backend)  # replaces the root's routed call slot
+        compiled_call = model._compiled_call_impl
+        for _ in range(3):
+            _train_step(watch, model, x)
+        watch.close()
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
+    assert len(graphs) == 1  # the routed children are traced through, not recompiled
+    assert model._compiled_call_impl is compiled_call  # close() leaves the user's slot
+    assert not any("_compiled_call_impl" in vars(m) for m in model.modules() if m is not model)
+    assert len(watch.history) == 3
+
+
+def test_the_children_of_a_data_parallel_are_left_alone() -> None:
+    model = nn.DataParallel(WordModel())  # its replicas would copy the children's call slots
+    watch = gw.GradWatch(model, sinks=[], forensics=True)
+    routed = [name for name, m in model.named_modules() if "_compiled_call_impl" in vars(m)]
+    assert routed == [""]
+    _train_step(watch, model, torch.rand(8, 4))
+    watch.close()
+    assert not any("_compiled_call_impl" in vars(m) for m in model.modules())
+
+
 def test_other_models_are_neither_recorded_nor_changed() -> None:
     torch.manual_seed(0)
     model = _log_model()
@@ -523,21 +693,21 @@ def test_other_models_are_neither_recorded_nor_changed() -> None:
     assert len(recorder.forward.calls) == 6  # the input, then the five children
     watch.close()
     model(x).sum()
-    assert len(recorder.take().forward_calls) == 0  # closed: the global hook is gone
+    assert len(recorder.take().forward_calls) == 0  # closed: the calls are routed no more
 
 
-def test_a_dropped_watcher_removes_its_global_hook() -> None:
+def test_a_dropped_watcher_unroutes_the_modules() -> None:
     import gc
     import weakref
 
     model = _log_model()
-    hooks = _global_hooks()
+    before = _module_state(model)
     watch = gw.GradWatch(model, sinks=[], forensics=True)
     _train_step(watch, model, torch.rand(8, 4))
     ref = weakref.ref(watch)
     del watch
     gc.collect()
-    assert ref() is None and _global_hooks() == hooks
+    assert ref() is None and _module_state(model) == before
 
 
 def test_forensics_on_a_deep_model_makes_no_host_reads() -> None:
