@@ -42,8 +42,10 @@ if TYPE_CHECKING:
     from gradwatch.report.console import ConsoleSink
     from gradwatch.report.jsonl import JsonlSink, RunLogExistsError
     from gradwatch.report.logging import LoggingSink
+    from gradwatch.report.mlflow_sink import MLflowSink
     from gradwatch.report.runlog import RunLog, RunLogError, RunLogNotFoundError, read_run
     from gradwatch.report.tensorboard import TensorBoardSink
+    from gradwatch.report.wandb_sink import WandbSink
     from gradwatch.watch import GradWatch
 
 _EXPORTS: dict[str, tuple[str, ...]] = {
@@ -73,8 +75,10 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "gradwatch.report.console": ("ConsoleSink",),
     "gradwatch.report.jsonl": ("JsonlSink", "RunLogExistsError"),
     "gradwatch.report.logging": ("LoggingSink",),
+    "gradwatch.report.mlflow_sink": ("MLflowSink",),
     "gradwatch.report.runlog": ("RunLog", "RunLogError", "RunLogNotFoundError", "read_run"),
     "gradwatch.report.tensorboard": ("TensorBoardSink",),
+    "gradwatch.report.wandb_sink": ("WandbSink",),
     "gradwatch.watch": ("GradWatch",),
 }
 """The module each public name lives in; :func:`__getattr__` imports it on first use."""
@@ -101,6 +105,7 @@ __all__ = [
     "JsonlSink",
     "LayerSummary",
     "LoggingSink",
+    "MLflowSink",
     "NonFiniteGradientError",
     "ParamNorms",
     "RunLog",
@@ -114,6 +119,7 @@ __all__ = [
     "StateError",
     "StepReport",
     "TensorBoardSink",
+    "WandbSink",
     "__version__",
     "read_run",
 ]
