@@ -146,11 +146,11 @@ def test_pre_and_post_clip_norms_under_gradient_clip_val(tmp_path, capsys) -> No
     assert all(model.changed)
 
     # One row per logging window of 2 steps, aggregated over both steps, read back from the file.
-    rows = [r for r in _logged(trainer) if "grad_norm/global" in r]
+    rows = [r for r in _logged(trainer) if "grad_norm/global_mean" in r]
     assert [int(r["step"]) for r in rows] == [1, 3, 5]
     for i, row in enumerate(rows):
         window = model.pre[2 * i : 2 * i + 2]
-        assert row["grad_norm/global"] == pytest.approx(sum(window) / 2, rel=1e-5)
+        assert row["grad_norm/global_mean"] == pytest.approx(sum(window) / 2, rel=1e-5)
         assert row["grad_norm/global_max"] == pytest.approx(max(window), rel=1e-5)
         assert row["grad_norm/clipped_max"] == pytest.approx(CLIP, rel=1e-5)
         assert row["grad_norm/clipped_steps"] == 2
@@ -163,6 +163,46 @@ def test_pre_and_post_clip_norms_under_gradient_clip_val(tmp_path, capsys) -> No
     assert "gradwatch summary: 6 steps" in out
     assert "clipped 6 steps (100.0%)" in out  # the steps Lightning clipped are counted
     assert callback.summary.clipped_steps == 6
+
+
+def _layer_keys(rows: list[dict[str, float]]) -> set[str]:
+    return {k for row in rows for k in row if k.startswith("grad_norm/net.")}
+
+
+class Deep(Tiny):
+    """Five linear layers: more than the default top_k."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        hidden = [m for _ in range(3) for m in (nn.Linear(8, 8), nn.Tanh())]
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), *hidden, nn.Linear(8, 1))
+
+
+def test_layers_logged_by_name_top_k_all_or_a_filter(tmp_path) -> None:
+    by_default = GradWatchCallback()
+    rows = [r for r in _logged(_fit(Deep(), by_default, tmp_path / "a")) if "grad_norm/spikes" in r]
+    assert all(len(_layer_keys([row])) == 3 for row in rows)  # the 3 largest of each window
+
+    every = GradWatchCallback(top_k=None)
+    rows = [r for r in _logged(_fit(Deep(), every, tmp_path / "b")) if "grad_norm/spikes" in r]
+    names = ["net.0", "net.2", "net.4", "net.6", "net.8"]
+    assert all(_layer_keys([row]) == {f"grad_norm/{n}" for n in names} for row in rows)
+    for i, row in enumerate(rows):  # each the layer's largest norm over the window's 2 steps
+        window = list(every.history)[2 * i : 2 * i + 2]
+        norms = [
+            math.hypot(r.param_norms["net.8.weight"], r.param_norms["net.8.bias"]) for r in window
+        ]
+        assert row["grad_norm/net.8"] == pytest.approx(max(norms), rel=1e-5)
+
+    chosen = GradWatchCallback(layers=["net.0", "net.8"])
+    rows = [r for r in _logged(_fit(Deep(), chosen, tmp_path / "c")) if "grad_norm/spikes" in r]
+    assert _layer_keys(rows) == {"grad_norm/net.0", "grad_norm/net.8"}
+
+    with pytest.raises(gw.ConfigError, match=r"'encoder\.\*' matches no layer.*'net\.0'"):
+        _fit(Deep(), GradWatchCallback(layers="encoder.*"), tmp_path / "d")
+    with pytest.raises(TypeError, match="layers must be a glob pattern"):
+        GradWatchCallback(layers=[3])
 
 
 def test_accumulated_gradient_checked_once_per_optimizer_step(tmp_path) -> None:
@@ -193,9 +233,9 @@ def test_accumulated_gradient_checked_once_per_optimizer_step(tmp_path) -> None:
     # Lightning's clipping ran but changed nothing: measured again, the norm is the same.
     assert all(r.clip_coef == 1.0 and not r.clipped for r in callback.history)
     # Windows of 2 optimizer steps; the last, unfinished one is written when training ends.
-    rows = [r for r in _logged(trainer) if "grad_norm/global" in r]
+    rows = [r for r in _logged(trainer) if "grad_norm/global_mean" in r]
     assert [int(r["step"]) for r in rows] == [1, 2]
-    assert rows[1]["grad_norm/global"] == pytest.approx(model.pre[2], rel=1e-5)
+    assert rows[1]["grad_norm/global_mean"] == pytest.approx(model.pre[2], rel=1e-5)
     assert [r["grad_norm/clipped_steps"] for r in rows] == [0, 0]
 
 
@@ -230,7 +270,7 @@ def test_nan_step_found_named_skipped_and_logged(tmp_path, capsys) -> None:
     assert [r.skipped for r in reports] == [False, False, True, False, False, False]
     assert reports[2].nonfinite == ("net.2.weight",)
     assert model.changed == [True, True, False, True, True, True]  # the weights did not move
-    rows = [r for r in _logged(trainer) if "grad_norm/global" in r]
+    rows = [r for r in _logged(trainer) if "grad_norm/global_mean" in r]
     assert [(r["grad_norm/nan_steps"], r["grad_norm/skipped_steps"]) for r in rows] == [
         (0, 0),
         (1, 1),

@@ -142,7 +142,7 @@ def test_window_statistics_cover_every_step_of_the_window(tmp_path) -> None:
         window = norms[3 * i : 3 * i + 3]
         assert log["grad_norm"] == pytest.approx(window[-1], rel=1e-6)  # the Trainer: last step
         assert log["grad_norm/global_max"] == pytest.approx(max(window), rel=1e-6)
-        assert log["grad_norm/global"] == pytest.approx(sum(window) / 3, rel=1e-6)
+        assert log["grad_norm/global_mean"] == pytest.approx(sum(window) / 3, rel=1e-6)
         assert log["grad_norm/clipped_max"] == pytest.approx(CLIP, rel=1e-5)
         assert log["grad_norm/clipped_steps"] == 3
         assert (log["grad_norm/nan_steps"], log["grad_norm/spikes"]) == (0, 0)
@@ -224,3 +224,74 @@ def test_both_clipping_raises_before_training(tmp_path) -> None:
     with pytest.raises(gw.ConfigError, match="max_grad_norm"):
         _train(tmp_path, callback)
     assert callback.history == type(callback.history)()
+
+
+def test_keys_reach_report_to_tensorboard_and_wandb(tmp_path, monkeypatch) -> None:
+    """The Trainer calls report_to before user callbacks: the callback moves ahead of them."""
+    pytest.importorskip("tensorboard")
+    wandb = pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_report_wandb import _history, _records
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    for name, value in [("MODE", "offline"), ("DIR", str(tmp_path)), ("SILENT", "true")]:
+        monkeypatch.setenv(f"WANDB_{name}", value)
+    model = _model()
+    callback = GradWatchCallback(top_k=None, layers="transformer.h.0.*")  # every layer of block 0
+    try:
+        trainer = _train(
+            tmp_path / "out",
+            callback,
+            model=model,
+            logging_steps=3,
+            report_to=["tensorboard", "wandb"],
+        )
+        run = wandb.run
+    finally:
+        wandb.finish()
+    order = [type(c).__name__ for c in trainer.callback_handler.callbacks]
+    assert order == [
+        "DefaultFlowCallback",
+        "GradWatchCallback",  # moved ahead of the report_to integrations
+        "TensorBoardCallback",
+        "WandbCallback",
+        "PrinterCallback",
+    ]
+    logs = _train_logs(trainer)
+    norms = [r.global_norm for r in callback.history]
+    assert [log["step"] for log in logs] == [3, 6]
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tb = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+    rows = {r["train/global_step"]: r for r in _history(_records(run)) if "train/loss" in r}
+    for i, log in enumerate(logs):
+        step, window = log["step"], norms[3 * i : 3 * i + 3]
+        for key in ("global_mean", "global_max", "clipped_max", "clip_coef", "nan_steps"):
+            key = f"train/grad_norm/{key}"
+            assert tb[key][step] == pytest.approx(log[key[6:]], rel=1e-6)
+            assert rows[step][key] == pytest.approx(log[key[6:]], rel=1e-6)
+        # Next to the Trainer's grad_norm (the window's last step), the window's mean and max.
+        assert tb["train/grad_norm"][step] == pytest.approx(window[-1], rel=1e-6)
+        assert tb["train/grad_norm/global_mean"][step] == pytest.approx(sum(window) / 3, rel=1e-6)
+        assert tb["train/grad_norm/global_max"][step] == pytest.approx(max(window), rel=1e-6)
+    block0 = {
+        "train/grad_norm/" + layer
+        for layer in {name.rsplit(".", 1)[0] for name, _ in model.named_parameters()}
+        if layer.startswith("transformer.h.0.")
+    }
+    assert len(block0) == 6  # ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj
+    assert {t for t in tb if t.startswith("train/grad_norm/transformer.")} == block0
+    assert {k for k in rows[6] if str(k).startswith("train/grad_norm/transformer.")} == block0
+
+
+def test_outside_a_trainer_the_callback_warns_that_report_to_misses_the_keys() -> None:
+    from gradwatch.integrations.transformers import _run_before_reporters
+
+    with pytest.warns(gw.GradWatchWarning, match="not TensorBoard, W&B or MLflow"):
+        _run_before_reporters(GradWatchCallback())
+
+
+def test_layers_pattern_that_matches_nothing_stops_training_naming_the_layers(tmp_path) -> None:
+    with pytest.raises(gw.ConfigError, match=r"'block\.\*' matches no layer; the layers are "):
+        _train(tmp_path, GradWatchCallback(layers="block.*"))

@@ -28,8 +28,9 @@ import torch
 
 from gradwatch.collect.norms import sparse_values
 from gradwatch.records import RunSummary, StepReport
-from gradwatch.report.base import StepAggregator
+from gradwatch.report.base import StepAggregator, layer_of
 from gradwatch.report.console import ConsoleSink
+from gradwatch.report.tracker import layer_patterns, match_layers
 from gradwatch.watch import GradWatch
 
 __all__ = ["AfterBackward", "CallbackConsole", "WindowStats", "post_clip_norm", "start_watch"]
@@ -64,7 +65,7 @@ def start_watch(
 
     Args:
         callback: A gradwatch framework callback (``clip``, ``on_nonfinite``, ``on_spike``,
-            ``sinks``, ``top_k``, ``watch_options`` attributes).
+            ``sinks``, ``top_k``, ``layers``, ``watch_options`` attributes).
         model: The module being trained.
         is_main_process: Only the main process gets the default :class:`CallbackConsole`
             (used when the callback's ``sinks`` is None).
@@ -84,6 +85,7 @@ def start_watch(
     window = WindowStats(
         watch.names,
         top_k=callback.top_k,
+        layers=callback.layers,
         layer_depth=callback.watch_options.get("layer_depth"),
         clips=callback.clip is not None or framework_clips,
     )
@@ -108,24 +110,35 @@ class WindowStats:
     Every step of the window counts (max, mean, counts), not only the last one. Reports are kept
     as they come and read once, when the window is closed, so adding a step costs no host sync.
 
-    Keys (all under ``grad_norm/``): ``global`` (mean global norm before clipping, finite steps),
-    ``global_max``, ``clipped_max`` (largest norm after clipping; only when something clips),
-    ``clip_coef`` (mean factor the gradients were scaled by, 1.0 = unclipped), ``clipped_steps``,
-    ``spikes``, ``nan_steps``, ``skipped_steps``, and ``<layer>`` (largest norm in the window) for
-    the ``top_k`` layers with the largest norms.
+    Keys (all under ``grad_norm/``): ``global_mean`` and ``global_max`` (mean and largest global
+    norm before clipping, finite steps; the Hugging Face Trainer's own ``grad_norm`` is the
+    window's last step),
+    ``clipped_max`` (largest norm after clipping; only when something clips), ``clip_coef``
+    (smallest factor the gradients were scaled by, the window's hardest clip; 1.0 = unclipped),
+    ``clipped_steps``, ``spikes``, ``nan_steps``, ``skipped_steps``, and ``<layer>`` (the layer's
+    largest norm in the window) for the layers chosen by ``layers`` and ``top_k``. The keys the
+    tracker sinks write too (``global_mean``, ``clip_coef``, the counts, ``<layer>``) mean the
+    same there (:mod:`gradwatch.report.tracker`).
 
     Args:
         names: The watcher's parameter names (``GradWatch.names``).
-        top_k: Layers logged by name.
+        top_k: Log the ``top_k`` layers with the largest norms of the window (among those
+            ``layers`` matches); None: every one of them. 0: no layer.
+        layers: Glob patterns of the layers that may be logged (``"encoder.*"``, ``["embed",
+            "lm_head"]``); None: any layer.
         layer_depth: Group parameters into layers by their first ``layer_depth`` name parts.
         clips: Log the clipping keys even in a window where nothing was clipped.
+
+    Raises:
+        ConfigError: A ``layers`` pattern matches no layer (the message lists the layers).
     """
 
     def __init__(
         self,
         names: Iterable[str],
         *,
-        top_k: int = 3,
+        top_k: int | None = 3,
+        layers: str | Sequence[str] | None = None,
         layer_depth: int | None = None,
         clips: bool = False,
     ) -> None:
@@ -133,6 +146,8 @@ class WindowStats:
         self.top_k = top_k
         self.layer_depth = layer_depth
         self.clips = clips
+        layer_names = tuple(dict.fromkeys(layer_of(n, layer_depth) for n in self.names))
+        self._candidates = match_layers(layer_names, layer_patterns("layers", layers))
         self._reports: list[StepReport] = []
         self._post: list[torch.Tensor | float | None] = []
         self._skipped: list[bool] = []
@@ -180,7 +195,7 @@ class WindowStats:
             window.update(report)
         s = window.summary()
         out = {
-            PREFIX + "global": s.global_mean,
+            PREFIX + "global_mean": s.global_mean,
             PREFIX + "global_max": s.global_max,
             PREFIX + "spikes": float(s.spikes),
             PREFIX + "nan_steps": float(s.nonfinite_steps),
@@ -189,14 +204,16 @@ class WindowStats:
         stepped = [r for r in reports if not r.skipped and math.isfinite(r.clipped_norm)]
         if stepped and (self.clips or framework_clips or s.clipped_steps):
             out[PREFIX + "clipped_max"] = max(r.clipped_norm for r in stepped)
-            out[PREFIX + "clip_coef"] = float(np.mean([r.clip_coef for r in stepped]))
+            out[PREFIX + "clip_coef"] = min(r.clip_coef for r in stepped)
             out[PREFIX + "clipped_steps"] = float(sum(r.clipped for r in stepped))
-        if self.top_k and s.layers:
+        if self.top_k != 0 and s.layers:
             maxima = np.array([layer.max for layer in s.layers], dtype=np.float64)
             order = np.argsort(-np.nan_to_num(maxima, nan=-np.inf), kind="stable")
-            for i in order[: self.top_k]:
-                if s.layers[i].steps:
-                    out[PREFIX + s.layers[i].name] = s.layers[i].max
+            chosen = [i for i in order if self._candidates[i] and s.layers[i].steps]
+            if self.top_k is None:
+                chosen.sort()  # every layer, in model order
+            for i in chosen[: self.top_k]:
+                out[PREFIX + s.layers[i].name] = s.layers[i].max
         return out
 
 

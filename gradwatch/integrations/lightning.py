@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ from gradwatch.errors import ConfigError
 from gradwatch.integrations import WindowStats, post_clip_norm, start_watch
 from gradwatch.records import RunSummary, StepReport
 from gradwatch.report.base import Sink
+from gradwatch.report.tracker import layer_patterns
 from gradwatch.watch import GradWatch
 
 __all__ = ["GradWatchCallback"]
@@ -76,7 +78,12 @@ class GradWatchCallback(pl.Callback):
             neither weights nor optimizer state) or ``"raise"``.
         on_spike: On a gradient-norm spike: ``"warn"``, ``"clip"``, ``"skip"`` or ``"raise"``.
         sinks: gradwatch sinks (rank 0 only). None: alerts and the final table on the console.
-        top_k: Layers logged by name (``grad_norm/<layer>``), the largest norms of the window.
+        top_k: Layers logged by name each window (``grad_norm/<layer>``, the layer's largest
+            norm): the ``top_k`` with the largest norms, which keeps a dashboard readable;
+            None: every layer (as Lightning's ``grad_norm`` utility does); 0: none.
+        layers: Only layers matching these glob patterns are logged by name (``"net.0"``,
+            ``"encoder.*"``, ``["embed", "head"]``), still at most ``top_k`` of them; with
+            ``top_k=None``, all of those. A pattern matching no layer is an error at fit start.
         **watch_options: Further :class:`~gradwatch.GradWatch` options (``layer_depth``,
             ``spike_detector``, ``forensics``, ``history``, ...).
 
@@ -87,7 +94,8 @@ class GradWatchCallback(pl.Callback):
         summary: The run summary, set when fit ends, counting the steps Lightning clipped.
 
     Raises:
-        ConfigError: At setup, ``clip`` is given and the trainer has ``gradient_clip_val`` too.
+        ConfigError: At setup, ``clip`` is given and the trainer has ``gradient_clip_val`` too;
+            at fit start, a ``layers`` pattern matches no layer.
     """
 
     def __init__(
@@ -97,7 +105,8 @@ class GradWatchCallback(pl.Callback):
         on_nonfinite: NonFinitePolicy = "warn",
         on_spike: SpikePolicy = "warn",
         sinks: list[Sink] | None = None,
-        top_k: int = 3,
+        top_k: int | None = 3,
+        layers: str | Sequence[str] | None = None,
         **watch_options: Any,
     ) -> None:
         super().__init__()
@@ -105,7 +114,8 @@ class GradWatchCallback(pl.Callback):
         self.on_nonfinite = on_nonfinite
         self.on_spike = on_spike
         self.sinks = sinks
-        self.top_k = check_int("top_k", top_k, minimum=0)
+        self.top_k = None if top_k is None else check_int("top_k", top_k, minimum=0)
+        self.layers = layer_patterns("layers", layers)
         self.watch_options = watch_options
         self.watch: GradWatch | None = None
         self.history: deque[StepReport] = deque(maxlen=watch_options.get("history", 256))

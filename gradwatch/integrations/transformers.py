@@ -19,19 +19,30 @@ Under fp16 with a ``GradScaler`` the gradients are still scaled at the end of ba
 Trainer unscales them inside its clipping; the check then runs in ``on_pre_optimizer_step`` on the
 unscaled gradients, after the Trainer's clipping (a warning says so once).
 
-Metrics are added to the Trainer's logs every ``logging_steps`` (``trainer.state.log_history`` and
-the progress bar; see :class:`~gradwatch.integrations.WindowStats` for the keys), aggregated over
-the steps since the last log, including steps whose NaN the Trainer's loss logging hides
-(``logging_nan_inf_filter``). The Trainer calls its ``report_to`` integrations before the
-callbacks passed to it, so those do not receive the keys. The summary table is printed when
-training ends.
+Metrics are added to the Trainer's logs every ``logging_steps`` (``trainer.state.log_history``,
+the progress output and the ``report_to`` integrations; see
+:class:`~gradwatch.integrations.WindowStats` for the keys), aggregated over the steps since the
+last log, including steps whose NaN the Trainer's loss logging hides (``logging_nan_inf_filter``).
+Next to them the Trainer logs its own ``grad_norm``: the norm before clipping of the window's last
+step only, where ``grad_norm/global_mean`` and ``grad_norm/global_max`` cover every step (with
+``logging_steps=1`` the three are equal). The summary table is printed when training ends.
+
+Reaching ``report_to``. The Trainer calls its callbacks in order, its ``report_to`` integrations
+(TensorBoard, W&B, MLflow, ...) before the callbacks passed to it, and each integration writes the
+logs it is given at once. So when training begins the callback moves itself ahead of those
+integrations in the Trainer's callback list; its keys are then in the logs they write. (The
+Trainer passes callbacks no reference to itself: the callback finds the list through the
+Trainer's ``CallbackHandler`` calling it. If it cannot, it warns once and the keys reach
+``trainer.state.log_history`` and the progress output only.)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import warnings
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -43,12 +54,17 @@ from gradwatch.errors import ConfigError, GradWatchWarning
 from gradwatch.integrations import AfterBackward, WindowStats, post_clip_norm, start_watch
 from gradwatch.records import RunSummary, StepReport
 from gradwatch.report.base import Sink
+from gradwatch.report.tracker import layer_patterns
 from gradwatch.watch import GradWatch
 
 __all__ = ["GradWatchCallback"]
 
 _transformers = require("transformers", extra="transformers")
 _GradientState = require("accelerate.state", extra="transformers").GradientState
+_CallbackHandler = require("transformers.trainer_callback", extra="transformers").CallbackHandler
+
+_FRAMES = 8
+"""Call-stack frames searched for the Trainer's ``CallbackHandler`` (normally the first one)."""
 
 _UNCLOSED_WINDOW = 50
 """Steps per window when the Trainer never logs: bounds memory."""
@@ -72,7 +88,10 @@ class GradWatchCallback(_transformers.TrainerCallback):
         on_spike: On a gradient-norm spike: ``"warn"``, ``"clip"``, ``"skip"`` or ``"raise"``.
         sinks: gradwatch sinks (main process only). None: alerts and the final table on the
             console.
-        top_k: Layers logged by name (``grad_norm/<layer>``), the largest norms of the window.
+        top_k: Layers logged by name each window (``grad_norm/<layer>``, the layer's largest
+            norm): the ``top_k`` with the largest norms; None: every layer; 0: none.
+        layers: Only layers matching these glob patterns are logged by name
+            (``"transformer.h.*"``), still at most ``top_k`` of them; with ``top_k=None``, all.
         **watch_options: Further :class:`~gradwatch.GradWatch` options (``layer_depth``,
             ``spike_detector``, ``forensics``, ``history``, ...).
 
@@ -83,7 +102,8 @@ class GradWatchCallback(_transformers.TrainerCallback):
         summary: The run summary, set when training ends, counting the steps the Trainer clipped.
 
     Raises:
-        ConfigError: When training begins, ``clip`` is given and ``max_grad_norm > 0`` too.
+        ConfigError: When training begins, ``clip`` is given and ``max_grad_norm > 0`` too, or a
+            ``layers`` pattern matches no layer.
     """
 
     def __init__(
@@ -93,14 +113,16 @@ class GradWatchCallback(_transformers.TrainerCallback):
         on_nonfinite: NonFinitePolicy = "warn",
         on_spike: SpikePolicy = "warn",
         sinks: list[Sink] | None = None,
-        top_k: int = 3,
+        top_k: int | None = 3,
+        layers: str | Sequence[str] | None = None,
         **watch_options: Any,
     ) -> None:
         self.clip = clip
         self.on_nonfinite = on_nonfinite
         self.on_spike = on_spike
         self.sinks = sinks
-        self.top_k = check_int("top_k", top_k, minimum=0)
+        self.top_k = None if top_k is None else check_int("top_k", top_k, minimum=0)
+        self.layers = layer_patterns("layers", layers)
         self.watch_options = watch_options
         self.watch: GradWatch | None = None
         self.history: deque[StepReport] = deque(maxlen=watch_options.get("history", 256))
@@ -121,6 +143,7 @@ class GradWatchCallback(_transformers.TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._close()
+        _run_before_reporters(self)
         max_norm = args.max_grad_norm or 0.0
         if self.clip is not None and max_norm > 0:
             raise ConfigError(
@@ -235,6 +258,46 @@ class GradWatchCallback(_transformers.TrainerCallback):
         if not self._trainer_clips:
             return summary
         return dataclasses.replace(summary, clipped_steps=self._clipped)
+
+
+def _run_before_reporters(callback: GradWatchCallback) -> None:
+    """Move ``callback`` ahead of the Trainer's ``report_to`` callbacks in its callback list.
+
+    Called from the callback's ``on_train_begin``: the ``CallbackHandler`` calling it is found on
+    the call stack, and its list is replaced (not changed in place: the loop dispatching this
+    event goes on over the old one). Warns once when the handler cannot be found.
+    """
+    handler = None
+    frame = sys._getframe(2)  # skip on_train_begin
+    for _ in range(_FRAMES):
+        if frame is None:
+            break
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, _CallbackHandler) and any(c is callback for c in owner.callbacks):
+            handler = owner
+            break
+        frame = frame.f_back
+    if handler is None:
+        warnings.warn(
+            "gradwatch: could not place GradWatchCallback before the Trainer's report_to "
+            "integrations; its grad_norm/* keys reach trainer.state.log_history and the progress "
+            "output but not TensorBoard, W&B or MLflow",
+            GradWatchWarning,
+            stacklevel=3,
+        )
+        return
+    callbacks = list(handler.callbacks)
+    reporters = [i for i, c in enumerate(callbacks) if _is_reporter(c)]
+    mine = next(i for i, c in enumerate(callbacks) if c is callback)
+    if reporters and reporters[0] < mine:
+        callbacks.pop(mine)
+        callbacks.insert(reporters[0], callback)
+        handler.callbacks = callbacks
+
+
+def _is_reporter(callback: Any) -> bool:
+    """True for the Trainer's ``report_to`` callbacks (``transformers.integrations``)."""
+    return type(callback).__module__.startswith("transformers.integrations")
 
 
 def _logs_steps(args: Any) -> bool:
