@@ -951,6 +951,50 @@ def _data_nan_input(run: Run) -> None:
     watch.close()
 
 
+def _check_nan_batch_scaled(tr: Trace) -> str:
+    bad = tr.first_nonfinite()
+    _require(bad == 25, f"first non-finite step {bad}, expected 25 (the corrupt batch)")
+    _require(tr.extra.get("nan_input_step") == 25, "the input batch of step 25 holds no NaN")
+    later = Trace(tr.losses[26:], tr.norms[26:])
+    _require(later.finite(), f"non-finite again at {26 + (later.first_nonfinite() or 0)}")
+    return f"input NaN at 25 -> loss {tr.losses[25]}; GradScaler skipped it, finite after"
+
+
+@scenario(
+    "data_nan_batch_bf16_scaler",
+    "data",
+    None,
+    "MLP autocast bf16",
+    "AdamW+scaler",
+    fast=True,
+    what="bf16 autocast with a GradScaler; batch 25 holds a NaN: the scaler skips it, a bad batch "
+    "(not the loss scale, not the learning rate)",
+    check=_check_nan_batch_scaled,
+)
+def _data_nan_batch_scaled(run: Run) -> None:
+    g = _gen(26)
+    model = _mlp([8, 32, 32, 3])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    watch = run.watch(model, opt, scaler=scaler)
+    centers = torch.randn(3, 8, generator=g)
+    for step in range(50):
+        y = torch.randint(0, 3, (16,), generator=g)
+        x = centers[y] + 0.5 * torch.randn(16, 8, generator=g)
+        if step == 25:
+            x[2, 3] = float("nan")
+            run.trace.extra["nan_input_step"] = step
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        with watch.backward(loss=loss):
+            scaler.scale(loss).backward()
+        run.record(loss, model, scale=scaler.get_scale())
+        scaler.step(opt)
+        scaler.update()
+    watch.close()
+
+
 def _check_inf_target(tr: Trace) -> str:
     bad = tr.first_nonfinite()
     _require(bad == 45, f"first non-finite step {bad}, expected 45 (the corrupt target)")

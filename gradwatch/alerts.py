@@ -61,7 +61,7 @@ def step_events(
         taken = f"GradScaler skipped the step, but a lower loss scale cannot help: {hopeless}"
     if report.nonfinite and scaler and not hopeless:  # its loss-scale backoff: not an alarm
         message = (
-            f"step {report.step}: GradScaler skipped the step: float16 gradients overflowed at "
+            f"step {report.step}: GradScaler skipped the step: the scaled gradients overflowed at "
             f"loss scale {fmt(report.scale)}; it lowers the scale and goes on"
         )
         events.append(Event(report.step, "skip", message, (), {"reason": report.skip_reason or ""}))

@@ -744,3 +744,43 @@ class LogBetween8(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(torch.log1p(nn.functional.softplus(self.first(x))))
+
+
+class _LanguageModel(nn.Module):
+    """word_language_model's shape: the hidden state is the forward's second argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 16)
+        self.rnn = nn.LSTM(16, 16)
+        self.decoder = nn.Linear(16, 20)
+
+    def forward(self, tokens: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor]) -> Any:
+        out, hidden = self.rnn(self.embed(tokens), hidden)
+        return self.decoder(out), hidden
+
+
+def test_a_nan_in_any_argument_of_the_model_is_the_input() -> None:
+    """A NaN in the hidden state handed to the model (not its first argument) is the input's,
+    not the LSTM's that received it."""
+    torch.manual_seed(0)
+    model = _LanguageModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    events = Events()
+    watch = gw.GradWatch(model, forensics=True, sinks=[events]).attach(opt)
+    for step in range(20):
+        tokens, targets = torch.randint(0, 20, (10, 4)), torch.randint(0, 20, (10, 4))
+        hidden = (torch.zeros(1, 4, 16), torch.zeros(1, 4, 16))
+        if step == 12:
+            hidden[0][0, 1, 3] = float("nan")
+        out, _ = model(tokens, hidden)
+        loss = nn.functional.cross_entropy(out.view(-1, 20), targets.view(-1))
+        opt.zero_grad()
+        with watch.backward(loss=loss):
+            loss.backward()
+        opt.step()
+    finding = next(f for f in watch.diagnose() if f.kind == "nonfinite")
+    watch.close()
+    assert finding.params[:1] == ("input",) and finding.cause == "data"
+    first = next(e for e in events.events if e.kind == "nonfinite")
+    assert first.step == 12 and "from the input" in first.message and first.cause == "data"

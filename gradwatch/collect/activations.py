@@ -254,6 +254,19 @@ class ActivationProbe:
             _first_bad(probe.backward_values, probe.backward_calls),
         )
 
+    @staticmethod
+    def first_forward_value(probe: Probe) -> float | None:
+        """The max-abs of the first non-finite forward record: NaN, or inf when that output
+        overflowed (held ±inf and no NaN). None when every record was finite.
+
+        Reads the step's forward values on the host, like :meth:`first_nonfinite`.
+        """
+        if probe.forward_values is None:
+            return None
+        values = probe.forward_values.detach().cpu().numpy()
+        bad = np.flatnonzero(~np.isfinite(values))
+        return float(values[bad[0]]) if bad.size else None
+
     def release(self, number: int) -> None:
         """Rows up to ``number`` were read: their space may be reused."""
         self._ring.read = max(self._ring.read, number + 1)
@@ -320,7 +333,7 @@ class _Recorder:
         x = args[0] if args and type(args[0]) is Tensor else _first_tensor(args)
         seen, pending = self.seen, self.pending
         if pending and j in pending:
-            self._relabel(j, x)
+            self._relabel(j, args)
         if x is not None:
             known = seen.get(id(x))
             if known is None or known[0]() is not x:  # made by the parent's code, or the input
@@ -328,6 +341,8 @@ class _Recorder:
                     self._record_input(j, x)  # (an nn.Identity then aliases this record)
             elif known[1] != x._version and x is not out:  # the parent changed it in place
                 self._record_input(j, x)
+        if len(args) > 1:  # an RNN's hidden state, a mask: the same rule as the first
+            self._record_more_inputs(j, args[1:])
         if out is None:
             return
         known = seen.get(id(out))
@@ -385,17 +400,30 @@ class _Recorder:
         if parent < self.k:
             self.pending.setdefault(parent, []).append(position)
 
-    def _relabel(self, j: int, x: Tensor | None) -> None:
-        """Module ``j`` returned: inputs recorded for it that were its own input came from above."""
+    def _record_more_inputs(self, j: int, args: Sequence[Any]) -> None:
+        """Call ``j``'s other tensor arguments that no recorded call returned, on behalf of its
+        parent (at the root: the model's input)."""
+        for arg in args:
+            items = arg if isinstance(arg, (tuple, list)) else (arg,)
+            for t in items:
+                if type(t) is Tensor and t.is_floating_point() and id(t) not in self.seen:
+                    self._record_input(j, t)
+
+    def _relabel(self, j: int, args: Sequence[Any]) -> None:
+        """Module ``j`` returned: inputs recorded for it that were its own arguments came from
+        above."""
         positions = self.pending.pop(j, None)
-        if not positions or x is None:
+        if not positions:
             return
-        seen = self.seen.get(id(x))
-        if seen is None or seen[0]() is not x:
-            return
+        own = set()
+        for arg in args:
+            for t in arg if isinstance(arg, (tuple, list)) else (arg,):
+                seen = self.seen.get(id(t)) if type(t) is Tensor else None
+                if seen is not None and seen[0]() is t:
+                    own.add(seen[2])
         parent, calls = self.parents[j], self.forward.calls
         for position in positions:
-            if position == seen[2]:
+            if position in own:
                 calls[position] = parent
                 if parent < self.k:
                     self.pending.setdefault(parent, []).append(position)

@@ -201,6 +201,7 @@ class HealthDetector:
             loss_nonfinite_count=incidents.loss_nonfinite_count,
             scaler_skips=incidents.scaler_skips,
             scaler_late_skips=incidents.scaler_late_skips,
+            scaler_loss_skips=incidents.scaler_loss_skips,
             min_scale=incidents.min_scale,
         )
 

@@ -48,6 +48,8 @@ class NonFiniteOrigin:
         first_activation: Forensics: first module whose output was non-finite, in forward order
             (``"<input>"``: the model's input already was).
         first_activation_type: Its class name.
+        first_activation_value: ``"NaN"``, or ``"Inf"`` when that output overflowed (±inf and
+            no NaN in it).
         first_signal: Forensics: first module whose output gradient was non-finite, in backward
             order.
         first_signal_type: Its class name.
@@ -72,6 +74,7 @@ class NonFiniteOrigin:
     stage: Literal["forward", "backward", "unknown"]
     first_activation: str | None = None
     first_activation_type: str | None = None
+    first_activation_value: str | None = None
     first_signal: str | None = None
     first_signal_type: str | None = None
     after_spike: tuple[int, float] | None = None
@@ -173,6 +176,7 @@ class HealthReport:
         loss_nonfinite_count: All such steps.
         scaler_skips: Steps a ``GradScaler`` skipped.
         scaler_late_skips: Of those, the ones after its first step taken (not its calibration).
+        scaler_loss_skips: Of those, the ones whose loss was already NaN/Inf before scaling.
         min_scale: Smallest loss scale seen (inf without a scaler).
     """
 
@@ -227,6 +231,7 @@ class HealthReport:
     loss_nonfinite_count: int = 0
     scaler_skips: int = 0
     scaler_late_skips: int = 0
+    scaler_loss_skips: int = 0
     min_scale: float = math.inf
 
 

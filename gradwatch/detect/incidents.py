@@ -86,6 +86,7 @@ class IncidentLog:
         self.loss_nonfinite_count = 0
         self.scaler_skips = 0
         self.scaler_late_skips = 0  # after the scaler's first step taken: not its calibration
+        self.scaler_loss_skips = 0  # whose loss was already NaN/Inf: no scale causes that
         self._scaler_settled = False
         self.min_scale = math.inf
         self.trajectory.reset()
@@ -116,6 +117,7 @@ class IncidentLog:
             skipped = (report.skip_reason or "").startswith("GradScaler")
             self.scaler_skips += skipped
             self.scaler_late_skips += skipped and self._scaler_settled
+            self.scaler_loss_skips += skipped and loss is not None and not math.isfinite(loss)
             self._scaler_settled = self._scaler_settled or not skipped
         loss_bad = loss is not None and not math.isfinite(loss)
         if report.spike:
@@ -187,9 +189,14 @@ class IncidentLog:
         """What every origin records besides its own values: forensics' first modules, recent
         spikes, the trend before it."""
         first_act, first_sig, watched = self._first_modules(probe)
+        value = None
+        if first_act is not None and self._probe.activations is not None:
+            found = self._probe.activations.first_forward_value(probe)
+            value = None if found is None else ("NaN" if math.isnan(found) else "Inf")
         return {
             "first_activation": self._module_name(first_act),
             "first_activation_type": self._module_type(first_act),
+            "first_activation_value": value,
             "first_signal": self._module_name(first_sig),
             "first_signal_type": self._module_type(first_sig),
             "after_spike": _recent(self._last_spike, step),
@@ -296,6 +303,7 @@ class IncidentLog:
             "loss_nonfinite_count": self.loss_nonfinite_count,
             "scaler_skips": self.scaler_skips,
             "scaler_late_skips": self.scaler_late_skips,
+            "scaler_loss_skips": self.scaler_loss_skips,
             "scaler_settled": self._scaler_settled,
             "min_scale": self.min_scale,
             **self.trajectory.state_dict(),
@@ -322,6 +330,7 @@ class IncidentLog:
         self.loss_nonfinite_count = int(state.get("loss_nonfinite_count", 0))
         self.scaler_skips = int(state.get("scaler_skips", 0))
         self.scaler_late_skips = int(state.get("scaler_late_skips", 0))
+        self.scaler_loss_skips = int(state.get("scaler_loss_skips", 0))
         self._scaler_settled = bool(state.get("scaler_settled", False))
         self.min_scale = float(state.get("min_scale", math.inf))
         self.trajectory.load_state_dict(state)

@@ -43,21 +43,36 @@ class Run:
     def origin(self) -> NonFiniteOrigin | None:
         """The first NaN/Inf of the run: in a gradient, or in a loss with finite gradients.
 
-        GradScaler's own skips while it calibrates the loss scale are not incidents.
+        A GradScaler's skips are not incidents when they are its own doing (the scaled gradients
+        overflowed, the loss was finite) or when the loss is NaN/Inf at most steps (the scaler
+        finding tells that story). A skip of an occasional NaN/Inf loss is an incident, which the
+        scaler happened to catch: a bad batch, say.
         """
         h = self.health
         candidates = []
         if h.nonfinite and not self.scaler_only:
-            candidates.append(h.nonfinite[0])
+            scaled = math.isfinite(h.min_scale)
+            first = next((o for o in h.nonfinite if not scaled or _loss_bad(o)), None)
+            if first is not None:
+                candidates.append(first)
         if h.loss_nonfinite:
             candidates.append(h.loss_nonfinite[0])
         return min(candidates, key=lambda o: o.step) if candidates else None
 
     @cached_property
     def scaler_only(self) -> bool:
-        """Every non-finite step was a GradScaler skip (its normal loss-scale backoff)."""
+        """Every non-finite step was a GradScaler skip the scaler finding explains: its normal
+        loss-scale backoff, or a loss non-finite at most steps (:attr:`scaler_loss_persists`)."""
         h = self.health
-        return bool(h.nonfinite_count) and h.scaler_skips >= h.nonfinite_count
+        own = h.scaler_skips - (0 if self.scaler_loss_persists else h.scaler_loss_skips)
+        return bool(h.nonfinite_count) and own >= h.nonfinite_count
+
+    @cached_property
+    def scaler_loss_persists(self) -> bool:
+        """A GradScaler skipped most steps because the loss itself was NaN/Inf: the forward pass
+        leaves the half-precision range at every step, not one bad batch."""
+        h = self.health
+        return h.scaler_loss_skips >= 3 and h.scaler_loss_skips >= 0.5 * h.steps
 
     @cached_property
     def incident(self) -> Explanation | None:
@@ -150,3 +165,7 @@ class Run:
         if self.health.update_rule == "adaptive":
             value = min(value, 1e-3)
         return float(f"{value:.1g}")
+
+
+def _loss_bad(origin: NonFiniteOrigin) -> bool:
+    return origin.loss is not None and not math.isfinite(origin.loss)

@@ -199,7 +199,10 @@ def explain(health: HealthReport, origin: NonFiniteOrigin | None) -> Explanation
     if origin is not None and origin.first_activation == "<input>":
         clause = where(origin)[1]
         return Explanation("data", ("input",), clause, {"step": origin.step})
-    if origin is not None and origin.value == "Inf" and _half(health, origin):
+    overflow = origin is not None and (
+        origin.value == "Inf" or origin.first_activation_value == "Inf"
+    )  # a gradient, or a module's output, left the range (an Inf, not a NaN)
+    if overflow and _half(health, origin):
         return _precision(health, origin)
     depth = start_depth(health)
     recurrent = recurrent_place(health)

@@ -316,21 +316,23 @@ def loss_spike_finding(run: Run) -> list[Finding]:
 def scaler_finding(run: Run) -> list[Finding]:
     """GradScaler skips: its normal calibration (info), or a loss scale in trouble (warning)."""
     h = run.health
-    if not h.scaler_skips:
+    # An occasional NaN/Inf loss is an incident of its own (the incident finding tells it): the
+    # scaler's skips are the others, unless the loss is NaN/Inf at most steps.
+    skips = h.scaler_skips - (0 if run.scaler_loss_persists else h.scaler_loss_skips)
+    if skips <= 0:
         return []
-    share = h.scaler_skips / max(h.steps, 1)
+    share = skips / max(h.steps, 1)
     late = h.scaler_late_skips / max(h.steps, 1)
-    # A scale below 1, or a loss already NaN/Inf before scaling: no scale can fix the values.
-    loss_bad = any(o.loss is not None and not math.isfinite(o.loss) for o in h.nonfinite)
-    trouble = h.min_scale < 1.0 or loss_bad or (h.steps >= 50 and late > 0.05)
+    # A scale below 1, or a loss NaN/Inf before scaling at most steps: no scale fixes the values.
+    trouble = h.min_scale < 1.0 or run.scaler_loss_persists or (h.steps >= 50 and late > 0.05)
     evidence = (
-        f"GradScaler skipped {plural(h.scaler_skips, 'step')} of {h.steps} ({share:.0%}) because "
+        f"GradScaler skipped {plural(skips, 'step')} of {h.steps} ({share:.0%}) because "
         f"its gradients held Inf/NaN; the loss scale went down to {num(h.min_scale)}"
     )
     places: tuple[str, ...] = ()
     if not trouble:
         evidence += ": its normal calibration of the loss scale"
-    elif h.nonfinite:  # where the overflow starts: a module's output, or the first gradient
+    elif h.nonfinite and run.origin is None:  # where it starts: a module, or the first gradient
         place, clause = where(h.nonfinite[0])
         places = (place,) if place else ()
         evidence += f"; at step {h.nonfinite[0].step}, {clause}"
@@ -345,7 +347,7 @@ def scaler_finding(run: Run) -> list[Finding]:
             severity=("error" if share >= 0.5 else "warning") if trouble else "info",
             first_step=h.nonfinite[0].step if h.nonfinite else None,
             data={
-                "scaler_skips": h.scaler_skips,
+                "scaler_skips": skips,
                 "late_skips": h.scaler_late_skips,
                 "min_scale": h.min_scale,
                 "share": share,
