@@ -235,6 +235,20 @@ def test_points_are_committed_when_the_user_logs_nothing(run):
         assert layer_keys == ["grad_norm/4"]  # the layers filter
 
 
+def test_online_runs_get_the_first_alert_of_each_kind(run, monkeypatch):
+    """run.alert needs W&B's servers; an offline run records the call, so the call is checked."""
+    monkeypatch.setattr("gradwatch.report.wandb_sink._online", lambda run: True)
+    detector = gw.SpikeDetector(warmup=1)
+    train_steps(_model(), [WandbSink(every=4)], 12, nan_at=8, spike_at=3, spike_detector=detector)
+    run.finish()
+    alerts = [r.alert for r in _records(run) if r.WhichOneof("record_type") == "alert"]
+    assert [(a.title, a.level) for a in alerts] == [
+        ("gradwatch: spike", "WARN"),
+        ("gradwatch: nonfinite", "ERROR"),
+    ]
+    assert alerts[1].text.startswith("step 8: ") and "2.weight" in alerts[1].text
+
+
 def test_no_open_run_disables_the_sink_with_the_fix_named(tmp_path):
     assert wandb.run is None
     with pytest.warns(gw.GradWatchWarning, match=r"wandb\.init\(\.\.\.\) before training"):
