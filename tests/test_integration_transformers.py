@@ -234,8 +234,9 @@ def test_keys_reach_report_to_tensorboard_and_wandb(tmp_path, monkeypatch) -> No
     from test_report_wandb import _history, _records
 
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
-    for name, value in [("MODE", "offline"), ("DIR", str(tmp_path)), ("SILENT", "true")]:
-        monkeypatch.setenv(f"WANDB_{name}", value)
+    # The user's run, offline; the Trainer's WandbCallback writes to it rather than start one.
+    settings = wandb.Settings(silent=True, console="off", x_disable_stats=True)
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="gradwatch", settings=settings)
     model = _model()
     callback = GradWatchCallback(top_k=None, layers="transformer.h.0.*")  # every layer of block 0
     try:
@@ -246,9 +247,9 @@ def test_keys_reach_report_to_tensorboard_and_wandb(tmp_path, monkeypatch) -> No
             logging_steps=3,
             report_to=["tensorboard", "wandb"],
         )
-        run = wandb.run
+        assert wandb.run is run
     finally:
-        wandb.finish()
+        run.finish()
     order = [type(c).__name__ for c in trainer.callback_handler.callbacks]
     assert order == [
         "DefaultFlowCallback",
