@@ -587,14 +587,19 @@ def test_torch_save_writes_the_same_pickle_while_watched() -> None:
     watch.close()
 
 
+_GRAPHS: list[object] = []
+
+
+def _counting_backend(gm, example_inputs):
+    """A dynamo backend that counts the graphs it compiles. At module level, so a model whose
+    compile arguments are kept on it (Lightning, once imported, records them) still pickles."""
+    _GRAPHS.append(gm)
+    return gm.forward
+
+
 def _compile_counter() -> tuple[list[object], Any]:
-    graphs: list[object] = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    return graphs, backend
+    _GRAPHS.clear()
+    return _GRAPHS, _counting_backend
 
 
 @pytest.mark.parametrize("forensics", [False, True], ids=["default", "forensics"])
@@ -611,7 +616,9 @@ def test_a_compiled_model_watched_makes_torch_warn_about_nothing(tmp_path, foren
         for _ in range(3):
             _train_step(watch, compiled, x)
         torch.save(model, tmp_path / "model.pt")  # the watcher open
-        with torch.serialization.safe_globals([WordModel, nn.Sequential, nn.Linear, nn.Tanh]):
+        # (the backend too: once Lightning is imported, it keeps compile arguments on the model)
+        allowed = [WordModel, nn.Sequential, nn.Linear, nn.Tanh, _counting_backend]
+        with torch.serialization.safe_globals(allowed):
             loaded = torch.load(tmp_path / "model.pt")
         watch.close()
     assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
