@@ -43,8 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         if args.steps < 1:
             parser.error(f"--steps must be an int >= 1, got {args.steps}")
-        if args.log and not Path(args.log).resolve().parent.is_dir():
-            parser.error(f"argument --log: directory of {args.log!r} does not exist")
+        if args.log:  # missing folders are created (as JsonlSink does); a file in the way is not
+            blocker = _file_in_the_way(Path(args.log).resolve().parent)
+            if blocker is not None:
+                parser.error(f"argument --log: {str(blocker)!r} is a file, not a folder")
         from gradwatch.demo import run_demo
 
         return run_demo(steps=args.steps, log=args.log)
@@ -55,3 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The nearest existing ancestor of ``folder`` (itself included) when it is not a folder."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None

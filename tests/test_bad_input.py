@@ -351,9 +351,17 @@ def test_cli_report_missing_file_is_one_line(tmp_path: Path, capsys) -> None:
 
 
 def test_cli_demo_unwritable_log_is_one_line(tmp_path: Path, capsys) -> None:
-    bad = tmp_path / "missing" / "demo.jsonl"
+    (tmp_path / "notes.txt").write_text("keep me")
+    bad = tmp_path / "notes.txt" / "demo.jsonl"
     code, err = _cli(["demo", "--steps", "1", "--log", str(bad)], capsys)
-    assert code == 2 and str(bad) in err
+    assert code == 2 and "notes.txt" in err and "is a file, not a folder" in err
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_demo_log_into_a_missing_folder_creates_it(tmp_path: Path, capsys) -> None:
+    log = tmp_path / "runs" / "new" / "demo.jsonl"  # as JsonlSink, which creates the folders
+    code, _ = _cli(["demo", "--steps", "1", "--log", str(log)], capsys)
+    assert code == 0 and log.is_file()
 
 
 # ------------------------------------------------------------------------------ odd models
