@@ -564,6 +564,14 @@ class TinyGPT(nn.Module):
         return self.head(self.ln(h))
 
 
+def _blobs(
+    centers: torch.Tensor, n: int, g: torch.Generator, noise: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` points around random ``centers`` (one class each) and their classes."""
+    y = torch.randint(0, len(centers), (n,), generator=g)
+    return centers[y] + noise * torch.randn(n, centers.shape[1], generator=g), y
+
+
 def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup:
@@ -979,8 +987,7 @@ def _data_nan_batch_scaled(run: Run) -> None:
     watch = run.watch(model, opt, scaler=scaler)
     centers = torch.randn(3, 8, generator=g)
     for step in range(50):
-        y = torch.randint(0, 3, (16,), generator=g)
-        x = centers[y] + 0.5 * torch.randn(16, 8, generator=g)
+        x, y = _blobs(centers, 16, g, noise=0.5)
         if step == 25:
             x[2, 3] = float("nan")
             run.trace.extra["nan_input_step"] = step
@@ -1751,8 +1758,7 @@ def _init_vanishing(run: Run) -> None:
     watch = run.watch(model, opt)
     centers = torch.randn(3, 16, generator=g)
     for _ in range(30):
-        y = torch.randint(0, 3, (32,), generator=g)
-        x = centers[y] + 0.5 * torch.randn(32, 16, generator=g)
+        x, y = _blobs(centers, 32, g, noise=0.5)
         loss = F.cross_entropy(model(x), y)
         run.step(watch, opt, model, loss, measure=_layer_grad_norms)
     watch.close()
@@ -1780,8 +1786,7 @@ def _sat_tanh(run: Run) -> None:
     watch = run.watch(model, opt)
     centers = torch.randn(3, 16, generator=g)
     for _ in range(30):
-        y = torch.randint(0, 3, (32,), generator=g)
-        x = centers[y] + 0.5 * torch.randn(32, 16, generator=g)
+        x, y = _blobs(centers, 32, g, noise=0.5)
         loss = F.cross_entropy(model(x), y)
         run.step(watch, opt, model, loss, measure=_layer_grad_norms)
     watch.close()
@@ -2200,8 +2205,7 @@ def _healthy_deep_relu(run: Run) -> None:
     watch = run.watch(model, opt)
     centers = 2.0 * torch.randn(4, 16, generator=g)
     for _ in range(120):
-        y = torch.randint(0, 4, (32,), generator=g)
-        x = centers[y] + torch.randn(32, 16, generator=g)
+        x, y = _blobs(centers, 32, g, noise=1.0)
         loss = F.cross_entropy(model(x), y)
         run.step(watch, opt, model, loss)
     watch.close()
