@@ -17,7 +17,7 @@ import numpy as np
 from gradwatch.diagnosis.clipping import suggest_threshold
 from gradwatch.diagnosis.context import Run
 from gradwatch.diagnosis.depth import recurrent_types
-from gradwatch.diagnosis.episodes import Episode, episodes
+from gradwatch.diagnosis.episodes import GAP, Episode, episodes
 from gradwatch.diagnosis.incident import Explanation, explain_blowup
 from gradwatch.diagnosis.remedies import REMEDIES
 from gradwatch.diagnosis.trend import loss_progress
@@ -274,7 +274,14 @@ def _recurrent_remedy(run: Run, culprits: Sequence[str]) -> str:
 def _episodes_cause(run: Run, eps: Sequence[Episode]) -> tuple[str, str]:
     """What the spikes point at: the incident's cause when they led to it, else their shape."""
     found = run.incident
-    if found is not None and (found.cause in ("learning_rate", "data") or run.unhealthy_from_start):
+    at = found.data.get("onset", found.data.get("step")) if found is not None else None
+    first = eps[0].first.step if eps else None
+    related = not isinstance(at, int) or first is None or abs(at - first) <= GAP
+    if (
+        found is not None
+        and related
+        and (found.cause in ("learning_rate", "data") or run.unhealthy_from_start)
+    ):
         return found.cause, found.reason
     unstable = [e for e in eps if e.cause == "learning_rate"]
     if unstable:
