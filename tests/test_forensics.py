@@ -227,23 +227,25 @@ def test_without_forensics_provenance_still_says_forward_or_backward() -> None:
     assert "(Linear `" in event.message and "shape (" in event.message
 
 
+def _sgd_steps(watch: gw.GradWatch, model: nn.Module, opt: torch.optim.Optimizer, n: int) -> None:
+    """``n`` training steps on random 8-feature batches, the watcher around each backward."""
+    for _ in range(n):
+        opt.zero_grad()
+        loss = model(torch.randn(8, 8)).pow(2).mean()
+        with watch.backward(loss=loss):
+            loss.backward()
+        opt.step()
+
+
 def test_forensics_makes_no_host_reads_on_clean_steps() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     watch = gw.GradWatch(model, sinks=[], forensics=True).attach(opt)
 
-    def steps(n: int) -> None:
-        for _ in range(n):
-            opt.zero_grad()
-            loss = model(torch.randn(8, 8)).pow(2).mean()
-            with watch.backward(loss=loss):
-                loss.backward()
-            opt.step()
-
-    steps(3)  # warm up outside the counter (first call patterns, index caches)
-    with count_host_reads() as counts:
-        steps(70)  # crosses emission batches, health batches and weight samples
+    _sgd_steps(watch, model, opt, 3)  # warm up outside the counter (call patterns, caches)
+    with count_host_reads() as counts:  # 70 steps cross emission, health and weight batches
+        _sgd_steps(watch, model, opt, 70)
     assert counts == dict.fromkeys(counts, 0), counts
     watch.flush()
     health = watch.health_detector.report()
@@ -726,17 +728,9 @@ def test_forensics_on_a_deep_model_makes_no_host_reads() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     watch = gw.GradWatch(model, sinks=[], forensics=True).attach(opt)
 
-    def steps(n: int) -> None:
-        for _ in range(n):
-            opt.zero_grad()
-            loss = model(torch.randn(8, 8)).pow(2).mean()
-            with watch.backward(loss=loss):
-                loss.backward()
-            opt.step()
-
-    steps(3)
+    _sgd_steps(watch, model, opt, 3)
     with count_host_reads() as counts:
-        steps(40)
+        _sgd_steps(watch, model, opt, 40)
     assert counts == dict.fromkeys(counts, 0), counts
     watch.close()
 
