@@ -48,6 +48,17 @@ def backward(model: nn.Module, seed: int = 0, scale: float = 1.0) -> torch.Tenso
     return loss
 
 
+class Events(gw.Sink):
+    """Keeps every event a watcher emits."""
+
+    def __init__(self) -> None:
+        self.events: list[gw.Event] = []
+
+    def write(self, record: object) -> None:
+        if isinstance(record, gw.Event):
+            self.events.append(record)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -16,6 +16,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import Events
 from rich.console import Console
 from torch import nn
 
@@ -35,15 +36,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class Events(gw.Sink):
-    def __init__(self) -> None:
-        self.events: list[gw.Event] = []
-
-    def write(self, record: object) -> None:
-        if isinstance(record, gw.Event):
-            self.events.append(record)
 
 
 def train(model, batches, opt, *, lr=None, sinks=None, **watch_kwargs):

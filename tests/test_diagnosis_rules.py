@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import Events
 from torch import nn
 
 import gradwatch as gw
@@ -28,15 +29,6 @@ def _series(norms, losses=None, lrs=None) -> Series:
         np.asarray(losses if losses is not None else [math.nan] * n, dtype=np.float64),
         np.asarray(lrs if lrs is not None else [math.nan] * n, dtype=np.float64),
     )
-
-
-class Events(gw.Sink):
-    def __init__(self) -> None:
-        self.events: list[gw.Event] = []
-
-    def write(self, record: object) -> None:
-        if isinstance(record, gw.Event):
-            self.events.append(record)
 
 
 def test_one_step_carrying_the_rise_is_a_jump_growth_over_steps_is_growth() -> None:

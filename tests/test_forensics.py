@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import Events
 from test_sync import count_host_reads
 from torch import nn
 
@@ -28,17 +29,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class Events(gw.Sink):
-    """Keeps every event."""
-
-    def __init__(self) -> None:
-        self.events: list[gw.Event] = []
-
-    def write(self, record: object) -> None:
-        if isinstance(record, gw.Event):
-            self.events.append(record)
 
 
 def chain(depth: int = 20, width: int = 4) -> nn.Sequential:
