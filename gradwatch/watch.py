@@ -38,8 +38,9 @@ from gradwatch.collect.distributed import (
 )
 from gradwatch.collect.forensics import ActivationProbe, StepProbe
 from gradwatch.collect.hooks import ArrivalOrder, MicroBatchNorms
-from gradwatch.collect.norms import GradCollector
+from gradwatch.collect.norms import GradAttr, GradCollector, resolve_grad_attr
 from gradwatch.collect.params import ParamChanges, WatchedParams, resolve_params
+from gradwatch.collect.pipeline import resolve_pipeline_group
 from gradwatch.collect.ring import Slot, StatsRing
 from gradwatch.config import (
     NONFINITE_POLICIES,
@@ -132,6 +133,12 @@ class GradWatch:
             through ``torch.compile`` is not recorded (its modules run in the compiled graph).
         health_detector: Keeps per-layer gradient health for :meth:`diagnose` (default
             ``HealthDetector()``; pass one to set ``dead_after``).
+        pipeline_group: In a pipeline-parallel run, the process group (or 1-D ``DeviceMesh``,
+            e.g. ``mesh["pp"]``) joining the stages: norms, clipping and decisions then cover
+            every stage (one all-reduce per step), and ``nonfinite_ranks`` names the ranks of
+            the stages a NaN/Inf came from.
+        grad_attr: Where the gradients are: ``"grad"``, another attribute of the parameters
+            (Megatron-style ``"main_grad"``) or a callable ``param -> Tensor | None``.
 
     Raises:
         TypeError, ValueError: An argument is invalid (the message names it).
@@ -156,6 +163,8 @@ class GradWatch:
         track_micro_batches: bool = False,
         forensics: bool = False,
         health_detector: HealthDetector | None = None,
+        pipeline_group: Any = None,
+        grad_attr: GradAttr = "grad",
     ) -> None:
         if isinstance(clip, type):
             raise ConfigTypeError(
@@ -197,6 +206,8 @@ class GradWatch:
         self._spike_detector = spike_detector or SpikeDetector()
         self._loss_detector = loss_detector or SpikeDetector()
         check_rank("log_rank", log_rank)
+        self._pipeline = resolve_pipeline_group("pipeline_group", pipeline_group)
+        self._grad_attr = resolve_grad_attr("grad_attr", grad_attr)
         check_bool("rank_blame", rank_blame)
         check_bool("track_micro_batches", track_micro_batches)
         if log_rank is not None and is_distributed() and rank() != log_rank:
@@ -527,7 +538,14 @@ class GradWatch:
         self._watched = watched
         if self.clipper is not None:
             self.clipper.bind(zip(watched.names, watched.params))
-        self._collector = GradCollector(watched.params, first.device, dtype)
+        self._collector = GradCollector(
+            watched.params,
+            first.device,
+            dtype,
+            norm_type=self.norm_type,
+            grad_attr=self._grad_attr,
+            pipeline=self._pipeline,
+        )
         self._ring = StatsRing(len(watched), capacity=64, device=first.device, dtype=dtype)
         self._arrivals = ArrivalOrder(watched.params, watched.position)
         self._emission.bind(self._ring, self._arrivals.positions)
@@ -613,6 +631,8 @@ class GradWatch:
             self._emission.drain(wait=True, upto=ring.read)
         number, slot = ring.claim()
         blame = self._blame.take() if self._blame is not None else None
+        if blame is None:  # pipeline parallel: flags of the stages' ranks, filled below
+            blame = self._collector.next_stage_flags()
         with torch.no_grad():
             batch = self._collector.gather()
             if batch is None:

@@ -6,10 +6,14 @@ by one ``torch._foreach_norm`` call, the same kernels ``torch.nn.utils.clip_grad
 Norms of half-precision gradients are accumulated in float32. Nothing here reads a value back to
 the host.
 
-Sharded gradients (FSDP2 DTensors) are grouped by mesh as well; their per-shard norms are partial
-norms that one ``full_tensor()`` per group turns into the norms of the full gradients (a single
-all-reduce for all the group's parameters). In-place operations (clipping) act on the local
-shards.
+Sharded gradients (FSDP2, HSDP, tensor parallel: DTensors) are grouped by mesh and placements as
+well; their per-shard norms become the norms of the full gradients, and stage norms become the
+global norm under pipeline parallelism, in one collective per step for all parameters
+(:mod:`gradwatch.collect.meshes`, :mod:`gradwatch.collect.pipeline`). In-place operations
+(clipping) act on the local shards.
+
+Gradients are read from ``p.grad`` unless the watcher is told where they are (``grad_attr``: an
+attribute such as Megatron's ``main_grad``, or a callable).
 
 Sparse (COO) gradients, e.g. of ``nn.Embedding(sparse=True)``, live in groups of their own: the
 norm of a sparse gradient is the norm of its coalesced values, which is the norm of its dense
@@ -21,7 +25,9 @@ sparse group for good and the step is regrouped. Dense models never pay for this
 from __future__ import annotations
 
 import functools
+import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import repeat
 
@@ -30,17 +36,47 @@ from torch import Tensor
 from torch.utils._foreach_utils import _device_has_foreach_support
 
 from gradwatch.collect.distributed import is_dtensor
+from gradwatch.collect.meshes import MeshReduction, mesh_reduction
+from gradwatch.collect.pipeline import PipelineStages
+from gradwatch.errors import ConfigError, ConfigTypeError
 
 __all__ = [
+    "GradAttr",
     "GradBatch",
     "GradCollector",
     "GradGroup",
     "foreach_norms",
     "has_foreach",
+    "resolve_grad_attr",
     "sparse_values",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
+
+GradAttr = str | Callable[[Tensor], Tensor | None]
+"""Where a parameter's gradient is: an attribute (``"grad"``, ``"main_grad"``) or a callable."""
+
+
+def resolve_grad_attr(name: str, value: object) -> GradAttr:
+    """``value`` checked as a :data:`GradAttr`.
+
+    Raises:
+        ConfigError: A string that is not an attribute name.
+        ConfigTypeError: Neither a string nor a callable.
+    """
+    if isinstance(value, str):
+        if not value.isidentifier():
+            raise ConfigError(
+                f"{name} must be the name of the parameters' gradient attribute, such as "
+                f"'grad' or 'main_grad', got {value!r}"
+            )
+        return value
+    if callable(value):
+        return value  # type: ignore[return-value]
+    raise ConfigTypeError(
+        f"{name} must be an attribute name such as 'main_grad' or a callable "
+        f"param -> Tensor | None, got {type(value).__name__}"
+    )
 
 
 def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -92,6 +128,8 @@ class GradGroup:
         sparse: True for a group of parameters whose gradients come sparse (COO): foreach
             kernels do not take them, so in-place operations go tensor by tensor, on the values.
             Such a group may also hold a dense gradient (a parameter's layout can change).
+        counted: For a sharded group, whether this rank's shards count towards the full norms
+            (False on the copies along a ``Replicate`` mesh dimension).
     """
 
     device: torch.device
@@ -100,6 +138,7 @@ class GradGroup:
     sharded: list[Tensor] | None
     positions: list[int]
     sparse: bool = False
+    counted: bool = True
 
     def norms(self, norm_type: float) -> Tensor:
         """1-D tensor: the norm of each full gradient of the group (one collective if sharded)."""
@@ -122,12 +161,18 @@ class GradBatch:
         groups: The same gradients grouped by device and dtype (and mesh, when sharded).
         l2_norms: The present gradients' L2 norms in group order, once computed (None when they
             were written straight into the stats row).
+        total: The global norm (of the collector's order) when it was computed with the norms,
+            in the same collective (sharded or pipeline-parallel runs), else None.
+        reduce: For sharded or pipeline-parallel runs, the function turning groups into
+            ``(full L2 norms, global norm)`` with one collective; None when norms are local.
     """
 
     params: list[Tensor]
     positions: list[int] | None
     groups: list[GradGroup]
     l2_norms: Tensor | None = None
+    total: Tensor | None = None
+    reduce: Callable[[list[GradGroup], float], tuple[Tensor, Tensor]] | None = None
 
     def grouped(self) -> list[tuple[torch.device, list[Tensor]]]:
         """``(device, local grads)`` per group, the unit in-place foreach kernels operate on."""
@@ -135,6 +180,8 @@ class GradBatch:
 
     def total_norm(self, norm_type: float, device: torch.device, dtype: torch.dtype) -> Tensor:
         """Norm of all (full) gradients as one vector, as a 0-d tensor on ``device``."""
+        if self.reduce is not None:
+            return self.reduce(self.groups, norm_type)[1].to(device, dtype, non_blocking=True)
         norms = [g.norms(norm_type).to(device, dtype, non_blocking=True) for g in self.groups]
         return torch.linalg.vector_norm(torch.cat(norms), norm_type)
 
@@ -146,14 +193,51 @@ class GradCollector:
         params: The watched parameters, in the order norms are stored.
         device: Where the statistics live (the first parameter's local device).
         dtype: Dtype of the statistics buffer (float32, or float64 if any parameter is float64).
+        norm_type: Order of the global norm (computed with the per-parameter norms, in the same
+            collective, when the norms need one).
+        grad_attr: Where the gradients are (see :data:`GradAttr`).
+        pipeline: The pipeline-parallel process group joining the stages, or None.
     """
 
-    def __init__(self, params: list[Tensor], device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        params: list[Tensor],
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        norm_type: float = 2.0,
+        grad_attr: GradAttr = "grad",
+        pipeline: object = None,
+    ) -> None:
         self.params = params
         self.device = device
         self.dtype = dtype
+        self.norm_type = norm_type
+        self._grad_attr = grad_attr
+        self._stages = PipelineStages(pipeline, device, dtype) if pipeline is not None else None  # type: ignore[arg-type]
+        dtensors = [p for p in params if is_dtensor(p)]
+        self._mesh: MeshReduction | None = mesh_reduction(dtensors) if dtensors else None
+        self._reduced = self._stages is not None or self._mesh is not None
+        self._flags: Tensor | None = None
         self._sparse: set[int] = set()  # positions whose gradients were seen sparse
         self._build_layout()
+
+    def next_stage_flags(self) -> Tensor | None:
+        """Under pipeline parallelism, fresh per-rank flags the next step's norms will fill with
+        the ranks of the stages whose gradients are non-finite; None otherwise."""
+        if self._stages is None:
+            return None
+        self._flags = self._stages.new_flags()
+        return self._flags
+
+    def _grads(self, params: list[Tensor]) -> list[Tensor | None]:
+        """The gradients of ``params``, read where ``grad_attr`` says."""
+        attr = self._grad_attr
+        if attr == "grad":
+            return [p.grad for p in params]
+        if isinstance(attr, str):
+            return [getattr(p, attr, None) for p in params]
+        return [attr(p) for p in params]
 
     def _build_layout(self) -> None:
         """Group the parameters by :func:`_group_key`, the sparse ones apart."""
@@ -168,7 +252,8 @@ class GradCollector:
         # Fast path: one plain group whose norms can be stacked straight into the row.
         key = next(iter(layout))
         self._direct = (
-            len(layout) == 1
+            not self._reduced
+            and len(layout) == 1
             and key[2] is None
             and not key[3]
             and key[0] == device
@@ -181,7 +266,8 @@ class GradCollector:
     def gather(self) -> GradBatch | None:
         """The gradients present now, grouped; None if no parameter has a gradient."""
         params = self.params
-        grads = [p.grad for p in params]
+        grads = self._grads(params)
+        reduce = self._full_norms if self._reduced else None
         if all(map(operator.is_not, grads, repeat(None))):
             if self._direct:
                 group = GradGroup(self.device, params, grads, None, [])
@@ -190,10 +276,11 @@ class GradCollector:
                 self._group([params[i] for i in idx], [grads[i] for i in idx], idx, key[3])
                 for key, idx in self._layout.items()
             ]
-            return GradBatch(params, None, groups)
+            return GradBatch(params, None, groups, reduce=reduce)
         positions = [i for i, g in enumerate(grads) if g is not None]
         if not positions:
-            return None
+            # A stage without gradients still joins the step's collective.
+            return GradBatch([], [], [], reduce=reduce) if self._stages is not None else None
         by_key: dict[tuple[object, ...], list[int]] = {}
         for i in positions:
             by_key.setdefault(_group_key(params[i]), []).append(i)
@@ -203,19 +290,64 @@ class GradCollector:
             self._group([params[i] for i in idx], [grads[i] for i in idx], idx, key[3])
             for key, idx in by_key.items()
         ]
-        return GradBatch([params[i] for i in positions], positions, groups)
+        return GradBatch([params[i] for i in positions], positions, groups, reduce=reduce)
 
-    @staticmethod
     def _group(
-        params: list[Tensor], grads: list[Tensor], positions: list[int], sparse: object
+        self, params: list[Tensor], grads: list[Tensor], positions: list[int], sparse: object
     ) -> GradGroup:
         """One group; ``sparse`` is the group key's sparse flag."""
         if sparse:
             return GradGroup(grads[0].device, params, grads, None, positions, sparse=True)
         if is_dtensor(params[0]):
             local_grads = [g.to_local() for g in grads]
-            return GradGroup(local_grads[0].device, params, local_grads, grads, positions)
+            counted = self._mesh is None or self._mesh.counts(params[0])
+            device = local_grads[0].device
+            return GradGroup(device, params, local_grads, grads, positions, counted=counted)
         return GradGroup(grads[0].device, params, grads, None, positions)
+
+    def _full_norms(
+        self, groups: list[GradGroup], norm_type: float, flags: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(L2 norm of every full gradient in group order, global norm of order ``norm_type``).
+
+        Shard norms become full norms and stage norms the global norm in one collective for
+        the step (two when a pipeline stage is itself sharded: the mesh's, then the stages').
+        """
+        device, dtype = self.device, self.dtype
+        l2 = [_local_norms(g, 2.0, device, dtype) for g in groups]
+        lp = l2 if norm_type == 2.0 else [_local_norms(g, norm_type, device, dtype) for g in groups]
+        sharded = [i for i, g in enumerate(groups) if g.sharded is not None]
+        complete = [i for i, g in enumerate(groups) if g.sharded is None]
+        terms: list[Tensor] = []
+        if sharded and self._mesh is None:  # meshes one collective cannot cover: DTensor's way
+            for i in sharded:
+                l2[i] = groups[i].norms(2.0).to(device, dtype)
+                lp[i] = l2[i] if norm_type == 2.0 else groups[i].norms(norm_type).to(device, dtype)
+            complete = list(range(len(groups)))
+        elif sharded:
+            squares = torch.cat([l2[i].square() for i in sharded])
+            powers = None if norm_type == 2.0 else _powers([lp[i] for i in sharded], norm_type)
+            full, powers = self._mesh.reduce(squares, powers, norm_type)  # type: ignore[union-attr]
+            parts = full.sqrt().split([l2[i].numel() for i in sharded])
+            for i, part in zip(sharded, parts):
+                l2[i] = part
+            if powers is not None:
+                terms.append(powers.reshape(()))
+        norms = torch.cat(l2) if l2 else torch.zeros(0, device=device, dtype=dtype)
+        if norm_type == 2.0:
+            total = torch.linalg.vector_norm(norms, 2.0)
+        else:
+            if complete:
+                terms.append(_powers([lp[i] for i in complete], norm_type))
+            if not terms:
+                total = torch.zeros((), device=device, dtype=dtype)
+            elif norm_type == math.inf:
+                total = torch.stack(terms).amax()
+            else:
+                total = torch.stack(terms).sum().pow(1.0 / norm_type)
+        if self._stages is not None:
+            total = self._stages.combine(total, norm_type, flags)
+        return norms, total
 
     def _learn_sparse(self) -> bool:
         """Move the parameters whose gradient is sparse now into sparse groups.
@@ -225,8 +357,8 @@ class GradCollector:
         """
         found = {
             i
-            for i, p in enumerate(self.params)
-            if p.grad is not None and p.grad.is_sparse and i not in self._sparse
+            for i, g in enumerate(self._grads(self.params))
+            if g is not None and g.is_sparse and i not in self._sparse
         }
         if not found:
             return False
@@ -248,9 +380,15 @@ class GradCollector:
                 (group,) = batch.groups
                 torch.stack(foreach_norms(self.device, group.grads, 2.0), out=out)
                 return
-            norms = torch.cat(
-                [g.norms(2.0).to(self.device, self.dtype, non_blocking=True) for g in batch.groups]
-            )
+            if self._reduced:
+                norms, batch.total = self._full_norms(batch.groups, self.norm_type, self._flags)
+            else:
+                norms = torch.cat(
+                    [
+                        g.norms(2.0).to(self.device, self.dtype, non_blocking=True)
+                        for g in batch.groups
+                    ]
+                )
         except (NotImplementedError, RuntimeError):
             if not self._learn_sparse():
                 raise
@@ -268,7 +406,9 @@ class GradCollector:
         if batch.positions is None:
             order = self._all_order
         else:
-            order = torch.tensor([i for g in batch.groups for i in g.positions], device=self.device)
+            order = torch.tensor(
+                [i for g in batch.groups for i in g.positions], dtype=torch.long, device=self.device
+            )
         out.zero_()
         out.index_copy_(0, order, norms)
 
@@ -278,9 +418,13 @@ class GradCollector:
         """Write the norm of all gradients as one vector (order ``norm_type``) into ``out``.
 
         For the L2 norm this reuses the per-parameter norms already computed: the norm of the
-        vector of per-parameter norms is the norm of all gradients concatenated.
+        vector of per-parameter norms is the norm of all gradients concatenated. When the norms
+        needed a collective, the global norm came with them (:attr:`GradBatch.total`).
         """
-        if norm_type == 2.0:
+        if batch.total is not None and norm_type == self.norm_type:
+            out.copy_(batch.total)
+            return
+        if norm_type == 2.0 and not self._reduced:
             # Same values in the same order as torch's get_total_norm: bit-identical results.
             present = param_norms if batch.l2_norms is None else batch.l2_norms
             torch.linalg.vector_norm(present, 2.0, out=out)
@@ -303,6 +447,27 @@ def _group_key(param: Tensor) -> tuple[object, ...]:
         mesh = param.device_mesh  # type: ignore[attr-defined]
         return (local.device, param.dtype, (id(mesh), tuple(param.placements)), False)  # type: ignore[attr-defined]
     return (param.device, param.dtype, None, False)
+
+
+def _local_norms(
+    group: GradGroup, norm_type: float, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """1-D: the norm of each of ``group``'s local tensors (zeros for shards this rank does not
+    count), on ``device`` in ``dtype``."""
+    if not group.counted:
+        return torch.zeros(len(group.grads), device=device, dtype=dtype)
+    values = [sparse_values(g) for g in group.grads] if group.sparse else group.grads
+    norms = torch.stack(foreach_norms(group.device, values, norm_type))
+    return norms.to(device, dtype, non_blocking=True)
+
+
+def _powers(norms: list[Tensor], norm_type: float) -> Tensor:
+    """Sum of the p-th powers of the ``norms`` (their maximum for the inf-norm), as a 1-element
+    tensor: what the global norm of their tensors is made of."""
+    joined = torch.cat(norms)
+    if norm_type == math.inf:
+        return joined.amax().reshape(1) if joined.numel() else joined.new_zeros(1)
+    return joined.pow(norm_type).sum().reshape(1)
 
 
 def _split_sparse(
