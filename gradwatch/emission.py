@@ -274,6 +274,7 @@ class Emission:
             spike_params=culprits,
             spike_threshold=pending.spike_threshold,
             scale=float(row[SCALE]) if pending.has_scale else None,
+            lr=_first_lr(pending.probe),
             norm_type=self.norm_type,
             micro_batch_norms=tuple(float(m) for m in pending.micro),
             nonfinite_ranks=_flagged(pending.blame) if nonfinite else (),
@@ -372,3 +373,9 @@ def _flagged(flags: torch.Tensor | None) -> tuple[int, ...]:
     if flags is None:
         return ()
     return tuple(i for i, flag in enumerate(flags.tolist()) if flag)
+
+
+def _first_lr(probe: Any) -> float | None:
+    """The first param group's learning rate the probe took, or None (no optimizer, tensor LR)."""
+    lrs = getattr(probe, "lrs", None)
+    return float(lrs[0]) if lrs else None

@@ -157,6 +157,8 @@ class StepReport:
         spike_params: On a spike, the parameters whose norm grew most relative to their own history.
         spike_threshold: The detector's threshold at this step (None before its first value).
         scale: The GradScaler loss scale at this step, when a scaler is known.
+        lr: Learning rate of the attached optimizer's first param group at this step (None
+            without an attached optimizer, or when the learning rate is a tensor).
         norm_type: Order of the norm used for ``global_norm``.
         micro_batch_norms: Global L2 norm of each micro-batch's gradient contribution, when
             per-micro-batch tracking is enabled (``GradWatch(track_micro_batches=True)``).
@@ -178,6 +180,7 @@ class StepReport:
     spike_params: tuple[str, ...] = ()
     spike_threshold: float | None = None
     scale: float | None = None
+    lr: float | None = None
     norm_type: float = 2.0
     micro_batch_norms: tuple[float, ...] = ()
     nonfinite_ranks: tuple[int, ...] = ()

@@ -464,3 +464,23 @@ def test_a_mistyped_header_is_one_error_naming_line_and_field(
     message = str(info.value)
     assert message.startswith(f"{str(path)!r} line 1: unreadable run header: ")
     assert field in message and "\n" not in message
+
+
+def test_learning_rate_of_the_attached_optimizer_is_recorded_and_read_back(tmp_path):
+    path = tmp_path / "run.jsonl"
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    watch = gw.GradWatch(model, sinks=[JsonlSink(path)]).attach(opt)
+    for i in range(5):
+        model(torch.randn(3, 4, generator=torch.Generator().manual_seed(i))).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        schedule.step()
+    seen = [r.lr for r in watch.history]
+    watch.close()
+    assert seen == [0.1, 0.1, 0.05, 0.05, 0.025]  # the rate each step was taken with
+    assert read_run(path).lr.tolist() == seen
+    unattached, _ = _train([JsonlSink(tmp_path / "plain.jsonl")], steps=2)
+    assert all(r.lr is None for r in unattached.history)  # no optimizer: no key, NaN on read
+    assert np.isnan(read_run(tmp_path / "plain.jsonl").lr).all()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from gradwatch.report.base import layer_of
+from gradwatch.layers import layer_of
 
 if TYPE_CHECKING:
     from gradwatch.collect.forensics import StepProbe

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from gradwatch.collect.norms import sparse_values
+from gradwatch.layers import layer_of
 from gradwatch.records import RunSummary, StepReport
-from gradwatch.report.base import StepAggregator, layer_of
+from gradwatch.report.base import StepAggregator
 from gradwatch.report.console import ConsoleSink
 from gradwatch.report.tracker import layer_patterns, match_layers
 from gradwatch.watch import GradWatch

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from gradwatch.errors import GradWatchWarning
+from gradwatch.layers import layer_of
 from gradwatch.records import LayerSummary, Record, RunSummary, StepReport
 
 __all__ = ["NEVER", "Sink", "SinkGroup", "StepAggregator", "layer_of", "window_due"]
@@ -155,19 +156,6 @@ def _outside_gradwatch() -> int:
 
 def _nothing() -> None:
     """Stands in for the ``close`` of a sink that has none."""
-
-
-def layer_of(name: str, depth: int | None = None) -> str:
-    """The layer a parameter belongs to: its owning module, or its first ``depth`` name parts.
-
-    ``layer_of("encoder.layers.3.attn.q.weight")`` is ``"encoder.layers.3.attn.q"``;
-    with ``depth=3`` it is ``"encoder.layers.3"``. A top-level parameter is its own layer.
-    """
-    parts = name.split(".")
-    owner = parts[:-1] or parts
-    if depth is not None:
-        owner = owner[:depth]
-    return ".".join(owner)
 
 
 class StepAggregator:

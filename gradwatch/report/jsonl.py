@@ -15,7 +15,7 @@ Format (``"format": "gradwatch.jsonl"``, version 1), one object per line, told a
   positions in that order, so a step costs one short line. ``nonfinite_ranks`` lists the DDP
   ranks a NaN/Inf came from (``rank_blame=True``). Keys whose value is empty or None
   (``skip_reason``, ``nonfinite``, ``spike_params``, ``spike_threshold``, ``scale``,
-  ``micro_batch_norms``, ``nonfinite_ranks``) are left out.
+  ``lr``, ``micro_batch_norms``, ``nonfinite_ranks``) are left out.
   With ``every=N`` (N > 1) each written step also carries ``window``: statistics of the N steps
   it closes (first step, count, largest and mean finite global norm, clipped/spike/NaN/skipped
   counts, and ``norms_max``, each parameter's largest finite norm), so nothing that happened
@@ -228,6 +228,8 @@ class JsonlSink(Sink):
             parts.append(f',"spike_threshold":{num(report.spike_threshold)}')
         if report.scale is not None:
             parts.append(f',"scale":{num(report.scale)}')
+        if report.lr is not None:
+            parts.append(f',"lr":{_fmt64(report.lr)}')
         if report.micro_batch_norms:
             parts.append(f',"micro_batch_norms":[{",".join(map(num, report.micro_batch_norms))}]')
         if report.nonfinite_ranks:

@@ -23,7 +23,7 @@ import numpy as np
 from gradwatch._optional import require
 from gradwatch.config import check_int
 from gradwatch.errors import ConfigError
-from gradwatch.report.base import layer_of
+from gradwatch.layers import layer_of
 from gradwatch.report.runlog_arrays import RunLog
 
 __all__ = ["FORMATS", "plot_format", "plot_run"]

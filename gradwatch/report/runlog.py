@@ -152,7 +152,15 @@ def _headers(path: Path, lines: list[bytes], complete: bool) -> list[tuple[int, 
 
 
 _NORMS_KEY = b',"norms":['
-_STEP_FLOATS = ("global_norm", "clipped_norm", "clip_coef", "loss", "spike_threshold", "scale")
+_STEP_FLOATS = (
+    "global_norm",
+    "clipped_norm",
+    "clip_coef",
+    "loss",
+    "spike_threshold",
+    "scale",
+    "lr",
+)
 _STEP_FLAGS = ("spike", "loss_spike", "skipped")
 _WINDOW_COUNTS = ("clipped", "spikes", "loss_spikes", "nonfinite", "skipped")
 _STEP_EXTRAS = ("nonfinite", "spike_params", "nonfinite_ranks", "window")  # sparse step keys

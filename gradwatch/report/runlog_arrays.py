@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gradwatch.layers import layer_of
 from gradwatch.records import Event, LayerSummary, RunStart, RunSummary
-from gradwatch.report.base import layer_of
 
 __all__ = ["RunLog"]
 
@@ -39,6 +39,7 @@ class RunLog:
         loss: Loss, NaN where none was given.
         spike_threshold: The spike detector's threshold, NaN during warm-up.
         scale: GradScaler loss scale, NaN where none.
+        lr: Learning rate of the attached optimizer's first param group, NaN where unknown.
         spike, loss_spike, skipped: Flags of each recorded step.
         nonfinite: The step had a NaN/Inf gradient.
         first_nonfinite: Column of the first parameter (in backward order) with a NaN/Inf
@@ -75,6 +76,7 @@ class RunLog:
     loss: np.ndarray
     spike_threshold: np.ndarray
     scale: np.ndarray
+    lr: np.ndarray
     spike: np.ndarray
     loss_spike: np.ndarray
     skipped: np.ndarray
@@ -109,7 +111,7 @@ class RunLog:
         return len(self.step)
 
     def layer_names(self, depth: int | None = None) -> tuple[str, ...]:
-        """Layers in model order, grouped as :func:`~gradwatch.report.base.layer_of` does."""
+        """Layers in model order, grouped as :func:`~gradwatch.layers.layer_of` does."""
         return tuple(dict.fromkeys(layer_of(n, depth) for n in self.names))
 
     def layer_norms(self, depth: int | None = None, *, peak: bool = False) -> np.ndarray:
