@@ -39,6 +39,8 @@ _PURPLE = "#9467bd"
 _GOLD = "#bcbd22"
 _ZERO = "black"
 _ABSENT = "#e6e6e6"
+_LOSS = "#333333"
+_LR = "#8c564b"
 
 
 def plot_run(
@@ -87,17 +89,18 @@ def plot_run(
 
     data = _Reduced(log, layer_depth, max_columns)
     n_layers = len(data.layers)
-    height = 3.2 + min(max(n_layers, 4), 48) * 0.16
-    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+    rows = max(n_layers, 7) * 0.16  # a few layers still get a readable colour bar
+    fig = Figure(figsize=(width, 5.0 + min(rows, 7.7)), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(
-        2, 2, width_ratios=(60, 1), height_ratios=(2.2, max(n_layers, 4) * 0.16)
-    )
-    top = fig.add_subplot(grid[0, 0])
-    heat = fig.add_subplot(grid[1, 0], sharex=top)
-    fig.add_subplot(grid[0, 1]).set_axis_off()
-    colorbar_axis = fig.add_subplot(grid[1, 1])
+    grid = fig.add_gridspec(3, 2, width_ratios=(60, 1), height_ratios=(1.7, 2.1, rows))
+    loss = fig.add_subplot(grid[0, 0])
+    top = fig.add_subplot(grid[1, 0], sharex=loss)
+    heat = fig.add_subplot(grid[2, 0], sharex=loss)
+    for row in (0, 1):
+        fig.add_subplot(grid[row, 1]).set_axis_off()
+    colorbar_axis = fig.add_subplot(grid[2, 1])
 
+    _draw_loss(loss, log, data)
     _draw_global(top, log, data)
     _draw_heatmap(heat, colorbar_axis, fig, log, data, layer_depth)
     fig.suptitle(_title(log, data), x=0.01, ha="left", fontsize=11)
@@ -142,6 +145,8 @@ class _Reduced:
         self.edges = np.append(first[starts] - 0.5, step[-1] + 0.5)
         self.centers = (self.edges[:-1] + self.edges[1:]) / 2
         self.binned = n > max_columns
+        self.windowed = self.binned or log.every > 1  # a value stands for a span of steps
+        self.window_name = "per column" if self.binned else "of each window"
 
         self.global_max = _fmax(log.peak_global_norm, starts)
         self.global_min = _fmin(log.global_norm, starts)
@@ -149,6 +154,9 @@ class _Reduced:
         self.clipped_max = _fmax(clipped, starts)
         self.threshold = _fmax(log.spike_threshold, starts)
         self.any_clipped = bool(np.any(log.clip_coef < 1.0))
+        self.loss_max = _fmax(log.loss, starts)
+        self.loss_min = _fmin(log.loss, starts)
+        self.lr = _fmax(log.lr, starts)
 
         self.layers = log.layer_names(depth)
         sampled = log.layer_norms(depth)
@@ -197,31 +205,149 @@ def _runs(steps: np.ndarray, gap: float) -> list[tuple[float, float]]:
     return list(zip(firsts.tolist(), lasts.tolist()))
 
 
+def _shade_nonfinite(ax: Any, log: RunLog, data: _Reduced, *, label: bool) -> None:
+    """Red bands over the steps whose gradients held NaN/Inf (merged when close)."""
+    nonfinite = _event_steps(log, "nonfinite")
+    if not len(nonfinite):
+        nonfinite = log.step[log.nonfinite].astype(np.float64)
+    span = data.edges[-1] - data.edges[0]
+    for i, (a, b) in enumerate(_runs(nonfinite, max(1.0, span / 400))):
+        count = f"{len(nonfinite)} step{'s' if len(nonfinite) > 1 else ''}"
+        name = f"NaN/Inf gradient ({count})" if i == 0 and label else None
+        ax.axvspan(a - 0.5, b + 0.5, color=_RED, alpha=0.18, lw=0, label=name)
+
+
+def _draw_loss(ax: Any, log: RunLog, data: _Reduced) -> None:
+    """The loss (log scale when it spans decades), loss spikes on it, the LR on a twin axis."""
+    x = data.centers
+    _shade_nonfinite(ax, log, data, label=False)
+    bad = np.isinf(log.loss) | (np.isnan(log.loss) & log.nonfinite)
+    bad_steps = log.step[bad].astype(np.float64) if np.isfinite(log.loss).any() else bad[:0]
+    spikes = [(e.step, _number(e.data.get("loss"))) for e in log.events if e.kind == "loss_spike"]
+    if not np.isfinite(data.loss_max).any() and not len(bad_steps):
+        ax.text(0.5, 0.5, "loss not recorded", transform=ax.transAxes, ha="center", va="center")
+        ax.set_yticks([])
+    else:
+        if data.binned:
+            ax.fill_between(
+                x, data.loss_min, data.loss_max, step="mid", color=_LOSS, alpha=0.2, lw=0
+            )
+            ax.stairs(data.loss_max, data.edges, color=_LOSS, lw=1.4, label="loss (max per column)")
+        else:  # the loss is known at the recorded steps, and at each loss spike (its event)
+            known = dict(zip(log.step.tolist(), log.loss.tolist()))
+            known.update((step, y) for step, y in spikes if np.isfinite(y))
+            lx = np.array(sorted(known), dtype=np.float64)
+            name = "loss" + (" (recorded steps and loss spikes)" if log.every > 1 else "")
+            ax.plot(lx, [known[k] for k in lx.tolist()], color=_LOSS, lw=1.4, label=name)
+        if spikes:
+            sx, sy = np.array(spikes, dtype=np.float64).T
+            ax.scatter(
+                sx,
+                sy,
+                marker="D",
+                s=36,
+                color=_GOLD,
+                edgecolor="black",
+                lw=0.5,
+                zorder=5,
+                label=f"loss spike ({len(spikes)})",
+            )
+        if len(bad_steps):
+            ax.scatter(
+                bad_steps,
+                np.full(len(bad_steps), 0.93),
+                transform=ax.get_xaxis_transform(),
+                marker="x",
+                s=30,
+                color=_RED,
+                lw=1.5,
+                zorder=5,
+                label=f"loss NaN/Inf ({len(bad_steps)})",
+            )
+        shown = np.concatenate((data.loss_max, data.loss_min, [y for _, y in spikes]))
+        _scale(ax, shown[np.isfinite(shown)], margin=(1.5, 2.5))
+    ax.set_ylabel("loss")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.tick_params(labelbottom=False)
+    handles, labels = ax.get_legend_handles_labels()
+    if np.isfinite(data.lr).any():
+        twin = ax.twinx()
+        _line(twin, data, data.lr, color=_LR, lw=1.1, ls="--", label="learning rate (right axis)")
+        _scale(twin, data.lr[np.isfinite(data.lr)], margin=(1.3, 1.3))
+        twin.set_ylabel("learning rate", color=_LR)
+        twin.tick_params(axis="y", colors=_LR, labelsize=8)
+        more = twin.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    else:
+        ax.text(
+            0.995,
+            0.95,
+            "learning rate not recorded",
+            transform=ax.transAxes,
+            ha="right",
+            va="top",
+            fontsize=8,
+            color="0.35",
+        )
+    if handles:
+        _legend_above(ax, handles, labels)
+
+
+def _line(ax: Any, data: _Reduced, values: np.ndarray, **style: Any) -> None:
+    """A series over steps: flat over each window when a value stands for several steps."""
+    if data.windowed:
+        ax.stairs(values, data.edges, baseline=None, **style)
+    else:
+        ax.plot(data.centers, values, **style)
+
+
+def _legend_above(ax: Any, handles: list[Any], labels: list[str]) -> None:
+    """The legend in one row above the panel, where it hides no data."""
+    if handles:
+        ax.legend(
+            handles,
+            labels,
+            loc="lower left",
+            bbox_to_anchor=(0, 1),
+            ncols=6,
+            fontsize=8,
+            frameon=False,
+            borderaxespad=0.2,
+            handlelength=1.8,
+            columnspacing=1.2,
+        )
+
+
+def _scale(ax: Any, values: np.ndarray, *, margin: tuple[float, float]) -> None:
+    """A log y axis when ``values`` are all positive and span 30x or more, else linear."""
+    if not len(values):
+        return
+    low, high = float(values.min()), float(values.max())
+    if low > 0 and high / low >= 30:
+        ax.set_yscale("log")
+        ax.set_ylim(low / margin[0], high * margin[1])
+
+
 def _draw_global(ax: Any, log: RunLog, data: _Reduced) -> None:
     x = data.centers
     positive = data.global_max[np.isfinite(data.global_max) & (data.global_max > 0)]
-    span = data.edges[-1] - data.edges[0]
     if data.binned:
-        ax.fill_between(x, data.global_min, data.global_max, color="#1f77b4", alpha=0.2, lw=0)
-    label = "global gradient norm" + (" (max per column)" if data.binned else "")
-    ax.plot(x, data.global_max, color="#1f77b4", lw=1.4, label=label)
+        ax.fill_between(
+            x, data.global_min, data.global_max, step="mid", color="#1f77b4", alpha=0.2, lw=0
+        )
+    label = "global gradient norm" + (f" (max {data.window_name})" if data.windowed else "")
+    _line(ax, data, data.global_max, color="#1f77b4", lw=1.4, label=label)
     max_norm = None
     if data.any_clipped:
-        ax.plot(x, data.clipped_max, color="#2ca02c", lw=1.0, ls="--", label="after clipping")
+        _line(ax, data, data.clipped_max, color="#2ca02c", lw=1.0, ls="--", label="after clipping")
         clip = log.header.config.get("clip")
         max_norm = clip.get("max_norm") if isinstance(clip, dict) else None
         if isinstance(max_norm, int | float):
             ax.axhline(max_norm, color="#2ca02c", lw=0.8, ls=":", label=f"max_norm {max_norm:g}")
     if np.isfinite(data.threshold).any():
-        ax.plot(x, data.threshold, color="0.45", lw=0.9, ls=":", label="spike threshold")
+        _line(ax, data, data.threshold, color="0.45", lw=0.9, ls=":", label="spike threshold")
 
-    nonfinite = _event_steps(log, "nonfinite")
-    if not len(nonfinite):
-        nonfinite = log.step[log.nonfinite].astype(np.float64)
-    for i, (a, b) in enumerate(_runs(nonfinite, max(1.0, span / 400))):
-        count = f"{len(nonfinite)} step{'s' if len(nonfinite) > 1 else ''}"
-        label = f"NaN/Inf gradient ({count})" if i == 0 else None
-        ax.axvspan(a - 0.5, b + 0.5, color=_RED, alpha=0.18, lw=0, label=label)
+    _shade_nonfinite(ax, log, data, label=True)
 
     spikes = [e for e in log.events if e.kind == "spike"]
     if spikes:
@@ -240,25 +366,19 @@ def _draw_global(ax: Any, log: RunLog, data: _Reduced) -> None:
         )
 
     bottom = ax.get_xaxis_transform()
-    for kind, marker, color, y, name in (
-        ("skip", "v", _PURPLE, 0.04, "optimizer step skipped"),
-        ("loss_spike", "D", _GOLD, 0.11, "loss spike"),
-    ):
-        steps = _event_steps(log, kind)
-        if kind == "skip":
-            steps = np.union1d(steps, log.step[log.skipped].astype(np.float64))
-        if len(steps):
-            ax.scatter(
-                steps,
-                np.full(len(steps), y),
-                transform=bottom,
-                marker=marker,
-                s=22,
-                color=color,
-                lw=0,
-                zorder=5,
-                label=f"{name} ({len(steps)})",
-            )
+    skipped = np.union1d(_event_steps(log, "skip"), log.step[log.skipped].astype(np.float64))
+    if len(skipped):
+        ax.scatter(
+            skipped,
+            np.full(len(skipped), 0.04),
+            transform=bottom,
+            marker="v",
+            s=22,
+            color=_PURPLE,
+            lw=0,
+            zorder=5,
+            label=f"optimizer step skipped ({len(skipped)})",
+        )
 
     limits = [positive]
     if data.any_clipped:
@@ -284,7 +404,7 @@ def _draw_global(ax: Any, log: RunLog, data: _Reduced) -> None:
     ax.set_ylabel("global grad norm")
     ax.grid(True, which="major", alpha=0.3)
     ax.tick_params(labelbottom=False)
-    ax.legend(loc="best", fontsize=8, ncols=3, framealpha=0.85)
+    _legend_above(ax, *ax.get_legend_handles_labels())
 
 
 def _draw_heatmap(
@@ -292,6 +412,7 @@ def _draw_heatmap(
 ) -> None:
     from matplotlib.colors import ListedColormap, LogNorm
     from matplotlib.patches import Patch
+    from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter
 
     values = data.values.T  # layers x columns
     positive = values[np.isfinite(values) & (values > 0)]
@@ -315,6 +436,13 @@ def _draw_heatmap(
         extend = {(False, False): "neither", (True, False): "min", (False, True): "max"}
         bar = fig.colorbar(mesh, cax=cax, extend=extend.get((below, above), "both"))
         bar.set_label("layer gradient norm", fontsize=9)
+        if high / low < 100:  # under two decades: label 2x and 5x too, not every minor tick
+            bar.ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+            bar.ax.yaxis.set_minor_formatter(
+                LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(np.inf, np.inf))
+            )
+        else:
+            bar.ax.yaxis.set_minor_formatter(NullFormatter())
     else:
         cax.set_axis_off()
     for mask, colour in ((values == 0, _ZERO), (data.nonfinite.T, _RED)):
@@ -336,7 +464,7 @@ def _draw_heatmap(
     ax.set_yticks(ticks, [data.layers[i] for i in ticks], fontsize=8 if n_layers <= 24 else 6)
     ax.set_xlim(data.edges[0], data.edges[-1])
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("layer (model order)")
+    ax.set_ylabel("layer (model order)" if n_layers >= 8 else "layer")
 
     handles = []
     if data.nonfinite.any():
