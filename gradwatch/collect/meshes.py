@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["MeshReduction", "mesh_reduction"]
+__all__ = ["MeshReduction", "full_l2_norms", "mesh_reduction"]
 
 
 class MeshReduction:
@@ -30,19 +30,36 @@ class MeshReduction:
 
     Args:
         group: A process group covering every mesh of the sharded parameters (None: the world).
+        over_root: Whether ``group`` covers the mesh the parameters' meshes were sliced from
+            (else only their own mesh).
     """
 
-    def __init__(self, group: dist.ProcessGroup | None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, over_root: bool = True) -> None:
         self.group = group
+        self.over_root = over_root
         self._counts: dict[tuple[int, tuple[Any, ...]], bool] = {}
 
     def counts(self, param: Any) -> bool:
-        """Whether this rank contributes ``param``'s shard (coordinate 0 on its Replicate dims)."""
-        key = (id(param.device_mesh), tuple(param.placements))
+        """Whether this rank contributes ``param``'s shard to the full norm.
+
+        It does when its coordinate is 0 on every ``Replicate`` dimension of the parameter's
+        mesh and, for a mesh sliced from a larger one (``mesh["dp"]`` of a dp × tp mesh), on
+        every dimension of the larger mesh the slice leaves out (the shard is copied there too).
+        """
+        mesh = param.device_mesh
+        key = (id(mesh), tuple(param.placements))
         found = self._counts.get(key)
         if found is None:
-            coordinate = param.device_mesh.get_coordinate() or []
+            coordinate = mesh.get_coordinate() or []
             found = all(c == 0 for c, p in zip(coordinate, param.placements) if p.is_replicate())
+            root = mesh._get_root_mesh()
+            if root is not mesh and self.over_root:
+                kept = set(mesh.mesh_dim_names)
+                found &= all(
+                    c == 0
+                    for c, name in zip(root.get_coordinate(), root.mesh_dim_names)
+                    if name not in kept
+                )
             self._counts[key] = found
         return found
 
@@ -71,26 +88,65 @@ class MeshReduction:
         return gathered[:, :-1].sum(0), gathered[:, -1:].amax(0)
 
 
-def mesh_reduction(params: list[Tensor]) -> MeshReduction | None:
+def mesh_reduction(params: list[Tensor], *, over_root: bool = True) -> MeshReduction | None:
     """The reduction for ``params``' DTensor meshes; None if one collective cannot cover them.
 
-    The group is the world when every mesh spans all ranks, else the (flattened) group of the
-    one mesh they share. Parameters on different meshes that do not each span the world keep
-    DTensor's own reduction (correct, one collective per mesh and placement).
+    ``over_root=False`` (a pipeline stage: the mesh the stage's meshes were sliced from spans
+    the other stages too, which hold other parameters) reduces over the stage's one mesh.
+
+    Meshes sliced from one mesh (FSDP2 on ``mesh["dp"]`` next to tensor parallel on the whole
+    dp × tp mesh) are reduced over that one mesh. The group is the world when the mesh spans all
+    ranks, else the mesh's (flattened) group. Parameters on unrelated meshes, or on slices
+    whose dimensions have no names, keep DTensor's own reduction (correct, one collective per
+    mesh and placement).
     """
     meshes = {id(p.device_mesh): p.device_mesh for p in params}  # type: ignore[attr-defined]
-    world = dist.get_world_size()
-    if all(mesh.size() == world for mesh in meshes.values()):
+    if not over_root:
+        if len(meshes) != 1:
+            return None
+        (mesh,) = meshes.values()
+        return MeshReduction(_group(mesh), over_root=False)
+    roots = {id(mesh._get_root_mesh()): mesh._get_root_mesh() for mesh in meshes.values()}
+    sliced = any(mesh._get_root_mesh() is not mesh for mesh in meshes.values())
+    if len(roots) != 1 or (sliced and not _named(meshes.values())):
+        return None
+    (mesh,) = roots.values()
+    if mesh.size() == dist.get_world_size():
         return MeshReduction(None)
-    if len(meshes) != 1:
-        return None
-    (mesh,) = meshes.values()
-    if mesh.ndim == 1:
-        return MeshReduction(mesh.get_group())
-    flatten = getattr(mesh, "_flatten", None)
-    if flatten is None:  # pragma: no cover - older torch
-        return None
-    return MeshReduction(flatten().get_group())
+    return MeshReduction(_group(mesh))
+
+
+def full_l2_norms(tensors: list[Tensor]) -> Tensor:
+    """L2 norm of each full DTensor of ``tensors`` (any meshes, any placements), 1-D float32 or
+    float64 on their local device: one all-reduce, no warning about sequential collectives.
+
+    For occasional use (weight norms sampled every few hundred steps): the reduction is
+    planned at every call.
+    """
+    reduction = mesh_reduction(tensors)
+    half = tensors[0].dtype in (torch.float16, torch.bfloat16)
+    dtype = torch.float32 if half else tensors[0].dtype
+    if reduction is None:  # meshes one collective cannot cover: DTensor's own way, per mesh
+        return torch.stack([t.norm(dtype=dtype).full_tensor() for t in tensors])
+    local = [t.to_local() for t in tensors]
+    norms = torch.stack(torch._foreach_norm(local, 2.0, dtype=dtype if half else None))
+    counted = torch.tensor([reduction.counts(t) for t in tensors], device=norms.device)
+    squares = torch.where(counted, norms.square(), 0.0)
+    full, _ = reduction.reduce(squares, None, 2.0)
+    return full.sqrt()
+
+
+def _group(mesh: Any) -> dist.ProcessGroup:
+    """The process group of all of ``mesh``'s ranks (its flattened mesh's, if it is n-D)."""
+    return mesh.get_group() if mesh.ndim == 1 else mesh._flatten().get_group()
+
+
+def _named(meshes: Any) -> bool:
+    """Whether every mesh and its root name their dimensions (a slice is matched by name)."""
+    return all(
+        m.mesh_dim_names is not None and m._get_root_mesh().mesh_dim_names is not None
+        for m in meshes
+    )
 
 
 def _all_gather(output: Tensor, local: Tensor, group: dist.ProcessGroup | None) -> None:

@@ -216,7 +216,9 @@ class GradCollector:
         self._grad_attr = grad_attr
         self._stages = PipelineStages(pipeline, device, dtype) if pipeline is not None else None  # type: ignore[arg-type]
         dtensors = [p for p in params if is_dtensor(p)]
-        self._mesh: MeshReduction | None = mesh_reduction(dtensors) if dtensors else None
+        self._mesh: MeshReduction | None = None
+        if dtensors:
+            self._mesh = mesh_reduction(dtensors, over_root=self._stages is None)
         self._reduced = self._stages is not None or self._mesh is not None
         self._flags: Tensor | None = None
         self._sparse: set[int] = set()  # positions whose gradients were seen sparse
@@ -457,6 +459,9 @@ def _local_norms(
     if not group.counted:
         return torch.zeros(len(group.grads), device=device, dtype=dtype)
     values = [sparse_values(g) for g in group.grads] if group.sparse else group.grads
+    if norm_type == math.inf and group.sharded is not None:
+        # An uneven split leaves some ranks empty shards, which have no largest element.
+        values = [v if v.numel() else v.new_zeros(1) for v in values]
     norms = torch.stack(foreach_norms(group.device, values, norm_type))
     return norms.to(device, dtype, non_blocking=True)
 

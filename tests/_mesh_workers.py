@@ -1,0 +1,335 @@
+"""Worker for tests/test_meshes.py: 4 gloo processes run HSDP, FSDP2 + TP and pipeline parallel.
+
+One spawn runs every scenario in turn (process start-up and the DTensor import dominate the
+cost) and writes one JSON result per rank. Every number is compared, in the test, with one
+process running the whole model on the same batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import gradwatch as gw
+
+WORLD = 4
+_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy", "__index__")
+
+
+def _batch(step: int, rank: int, width: int = 6) -> torch.Tensor:
+    return torch.randn(8, width, generator=torch.Generator().manual_seed(100 * step + rank))
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1)
+    )
+
+
+def _reference(model: nn.Module, x: torch.Tensor, max_norm: float) -> dict[str, object]:
+    """One process: norms of the mean loss over ``x``, and the gradients clip_grad_norm_ leaves."""
+    model.zero_grad()
+    model(x).pow(2).mean().backward()
+    norms = {n: p.grad.norm().item() for n, p in model.named_parameters()}
+    total = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+    clipped = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return {"norms": norms, "global": total, "clipped": clipped}
+
+
+@contextlib.contextmanager
+def _host_reads():
+    counts = dict.fromkeys(_READS, 0)
+    originals = {name: getattr(torch.Tensor, name) for name in _READS}
+
+    def wrap(name):
+        original = originals[name]
+
+        def counting(self, *args, **kwargs):
+            counts[name] += 1
+            return original(self, *args, **kwargs)
+
+        return counting
+
+    for name in _READS:
+        setattr(torch.Tensor, name, wrap(name))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+class _Warnings(logging.Handler):
+    """Collects log records and warnings mentioning sequential collectives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "sequential" in record.getMessage():
+            self.messages.append(record.getMessage())
+
+
+_HANDLER = _Warnings()
+
+
+def _checked(watch: gw.GradWatch) -> dict[str, object]:
+    """One check() under CommDebugMode and the host-read counter: the step's cost."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    with CommDebugMode() as comm, _host_reads() as reads:
+        report = watch.check()
+    counts = {str(op): n for op, n in comm.get_comm_counts().items()}
+    return {"report": report, "collectives": counts, "reads": sum(reads.values())}
+
+
+def _err(got: dict[str, float], expected: dict[str, float]) -> float:
+    return max(abs(got[n] - expected[n]) / expected[n] for n in expected)
+
+
+def _steady(watch: gw.GradWatch, model: nn.Module, x: torch.Tensor) -> dict[str, object]:
+    """The second check of ``watch`` on the gradients of ``x``, measured by :func:`_checked`.
+
+    The first check also samples the weight norms (every 256 checks); the second is a step like
+    all the others. DTensor warns about sequential collectives once per mesh: its record of
+    warnings is emptied so the measured step would warn again.
+    """
+    from torch.distributed.tensor import _redistribute
+
+    for _ in range(2):
+        model.zero_grad()
+        model(x).pow(2).mean().backward()
+        if watch.step == 1:
+            _redistribute._warned_flatten_issues.clear()
+            seen = len(_HANDLER.messages)
+            step = _checked(watch)
+            step["warnings"] = _HANDLER.messages[seen:]
+            return step
+        watch.check()
+    raise AssertionError("unreachable")
+
+
+def _sharded_result(watch, model, expected, max_norm, batch_fn) -> dict[str, object]:
+    """Norms, clipping and cost of a steady step."""
+    step = _steady(watch, model, batch_fn())
+    report = step["report"]
+    names = list(watch.names)
+    clipped_err = max(
+        (p.grad.full_tensor() - expected["clipped"][n]).abs().max().item()
+        for n, p in model.named_parameters()
+    )
+    return {
+        "names": names,
+        "expected_names": list(expected["norms"]),
+        "global": report.global_norm,
+        "expected": expected["global"],
+        "param_err": _err(report.param_norms, expected["norms"]),
+        "clip_coef": report.clip_coef,
+        "expected_coef": min(1.0, max_norm / (expected["global"] + 1e-6)),
+        "clipped_err": clipped_err,
+        "collectives": step["collectives"],
+        "reads": step["reads"],
+        "warnings": step["warnings"],
+    }
+
+
+def _hsdp(rank: int) -> dict[str, object]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    max_norm = 0.05
+    expected = _reference(_mlp(), torch.cat([_batch(0, r) for r in range(WORLD)]), max_norm)
+    model = _mlp()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    watch = gw.GradWatch(model, clip=gw.ClipNorm(max_norm), sinks=[])
+    result = _sharded_result(watch, model, expected, max_norm, lambda: _batch(0, rank))
+    result["placements"] = str(next(model.parameters()).placements)
+    watch.close()
+    return result
+
+
+def _tp(rank: int) -> dict[str, object]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    dp_rank = mesh["dp"].get_local_rank()
+    max_norm = 0.05
+    expected = _reference(_mlp(), torch.cat([_batch(0, r) for r in range(2)]), max_norm)
+    model = _mlp()
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    for layer in model:  # layer "4" stays out of TP: FSDP2 on mesh["dp"] only
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    results = {}
+    for norm_type in (2.0, math.inf, 3.0):
+        watch = gw.GradWatch(model, clip=gw.ClipNorm(1e6, norm_type=norm_type), sinks=[])
+        step = _steady(watch, model, _batch(0, dp_rank))
+        results[str(norm_type)] = {
+            "global": step["report"].global_norm,
+            "collectives": step["collectives"],
+            "warnings": step["warnings"],
+        }
+        watch.close()
+    reference = _mlp()
+    reference(torch.cat([_batch(0, r) for r in range(2)])).pow(2).mean().backward()
+    grads = [p.grad for p in reference.parameters()]
+    model.zero_grad()
+    watch = gw.GradWatch(model, clip=gw.ClipNorm(max_norm), sinks=[])
+    result = _sharded_result(watch, model, expected, max_norm, lambda: _batch(0, dp_rank))
+    result["norm_types"] = results
+    result["expected_norm_types"] = {
+        str(p): torch.nn.utils.get_total_norm(grads, norm_type=p).item()
+        for p in (2.0, math.inf, 3.0)
+    }
+    result["placements"] = {n: str(p.placements) for n, p in model.named_parameters()}
+    watch.close()
+    from torch.distributed.tensor import _redistribute
+
+    _redistribute._warned_flatten_issues.clear()
+    seen = len(_HANDLER.messages)
+    # DTensor's own way (torch's get_total_norm refuses the mix of a 2-D and a 1-D mesh).
+    torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.device_mesh.ndim == 2])
+    result["control_warnings"] = _HANDLER.messages[seen:]
+    return result
+
+
+class _Stack(nn.Module):
+    """Four layers under their model-wide names; a stage keeps some of them (torchtitan's way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        widths = [6, 8, 8, 8, 1]
+        self.layers = nn.ModuleDict({str(i): nn.Linear(widths[i], widths[i + 1]) for i in range(4)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for name, layer in self.layers.items():
+            x = layer(x)
+            if name != "3":
+                x = torch.tanh(x)
+        return x
+
+
+def _stage_model(stage: int) -> _Stack:
+    model = _Stack()
+    for name in [n for n in model.layers if n != str(stage)]:
+        del model.layers[name]
+    return model
+
+
+def _pipeline(rank: int) -> dict[str, object]:
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    max_norm = 0.05
+    micro = 2
+    steps = 3  # step 1 has a NaN on stage 2
+
+    def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (output - target).pow(2).mean()
+
+    def data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _batch(step, 0), _batch(step, 1, width=1)
+
+    stage_model = _stage_model(rank)
+    stage = PipelineStage(stage_model, rank, WORLD, torch.device("cpu"))
+    schedule = ScheduleGPipe(stage, n_microbatches=micro, loss_fn=loss_fn)
+    opt = torch.optim.SGD(stage_model.parameters(), lr=0.1)
+    watch = gw.GradWatch(
+        stage_model,
+        clip=gw.ClipNorm(max_norm),
+        on_nonfinite="skip",
+        sinks=[],
+        pipeline_group=dist.group.WORLD,
+    ).attach(opt)
+    reference = _Stack()
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    poison = stage_model.layers[str(rank)].weight.register_hook(
+        lambda g: g * math.nan if rank == 2 and watch.step == 1 else g
+    )
+    out: dict[str, object] = {"names": list(watch.names), "steps": []}
+    for step in range(steps):
+        x, y = data(step)
+        opt.zero_grad()
+        before = [p.detach().clone() for p in stage_model.parameters()]
+        if rank == 0:
+            schedule.step(x)
+        elif rank == WORLD - 1:
+            schedule.step(target=y)
+        else:
+            schedule.step()
+        opt.step()
+        report = watch.history[-1]
+        # The single process on the same micro-batches (mean of the micro-batch losses).
+        ref_opt.zero_grad()
+        for xs, ys in zip(x.chunk(micro), y.chunk(micro)):
+            (loss_fn(reference(xs), ys) / micro).backward()
+        expected_global = torch.nn.utils.get_total_norm(
+            [p.grad for p in reference.parameters()]
+        ).item()
+        expected = {n: p.grad.norm().item() for n, p in reference.named_parameters()}
+        own = {n: expected[n] for n in watch.names}
+        entry = {
+            "global": report.global_norm,
+            "expected": expected_global,
+            "skipped": report.skipped,
+            "nonfinite_ranks": list(report.nonfinite_ranks),
+            "nonfinite": list(report.nonfinite),
+            "unchanged": all(torch.equal(a, b) for a, b in zip(before, stage_model.parameters())),
+            "clip_coef": report.clip_coef,
+        }
+        if step != 1:
+            entry["param_err"] = _err(report.param_norms, own)
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
+            ref_opt.step()
+            entry["weights_err"] = max(
+                (p - dict(reference.named_parameters())[n]).abs().max().item()
+                for n, p in stage_model.named_parameters()
+            )
+        out["steps"].append(entry)
+    poison.remove()
+    # The step's cost: one check of the stage's gradients (no policy needing a decision).
+    monitor = gw.GradWatch(stage_model, sinks=[], pipeline_group=dist.group.WORLD)
+    monitor.check()  # the first check also samples the weight norms
+    steady = _checked(monitor)
+    out["collectives"], out["reads"] = steady["collectives"], steady["reads"]
+    monitor.close()
+    decision = _checked(watch)
+    out["decision_collectives"] = decision["collectives"]
+    out["decision_reads"] = decision["reads"]
+    watch.close()
+    return out
+
+
+def mesh_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    logging.getLogger("torch.distributed.tensor._redistribute").addHandler(_HANDLER)
+    result: dict[str, object] = {}
+    for name, scenario in (("hsdp", _hsdp), ("tp", _tp), ("pipeline", _pipeline)):
+        result[name] = scenario(rank)
+        dist.barrier()
+    Path(out_dir, f"mesh{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
