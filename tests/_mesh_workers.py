@@ -1,17 +1,24 @@
-"""Worker for tests/test_meshes.py: 4 gloo processes run HSDP, FSDP2 + TP and pipeline parallel.
+"""The 4-process launch behind tests/test_meshes.py and tests/test_examples.py.
 
-One spawn runs every scenario in turn (process start-up and the DTensor import dominate the
-cost) and writes one JSON result per rank. Every number is compared, in the test, with one
-process running the whole model on the same batches.
+One ``torchrun --nproc-per-node 4`` of this file runs, in one gloo process group, HSDP, FSDP2 +
+TP and pipeline-parallel scenarios (one JSON result per rank, every number to be compared
+with one process running the whole model on the same batches), then trains each 4-process
+example of examples/ for a few steps through its ``train(steps)``. Process start-up and the
+torch/DTensor imports dominate the cost, so they are paid once per test session
+(:func:`launch`), not once per scenario or example.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import math
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -21,6 +28,9 @@ from torch import nn
 import gradwatch as gw
 
 WORLD = 4
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SCALE_OUT_EXAMPLES = ("hsdp.py", "fsdp2_tp.py", "pipeline.py")  # run here, on 4 processes
+EXAMPLE_STEPS = 3
 _READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy", "__index__")
 
 
@@ -321,15 +331,63 @@ def _pipeline(rank: int) -> dict[str, object]:
     return out
 
 
-def mesh_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _examples() -> None:
+    for script in SCALE_OUT_EXAMPLES:
+        spec = importlib.util.spec_from_file_location(Path(script).stem, EXAMPLES / script)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        module.train(EXAMPLE_STEPS)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            print(f"example {script}: done", flush=True)
+
+
+def main(out_dir: str) -> None:
+    """One process of the launch (under torchrun)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
     logging.getLogger("torch.distributed.tensor._redistribute").addHandler(_HANDLER)
     result: dict[str, object] = {}
     for name, scenario in (("hsdp", _hsdp), ("tp", _tp), ("pipeline", _pipeline)):
         result[name] = scenario(rank)
         dist.barrier()
     Path(out_dir, f"mesh{rank}.json").write_text(json.dumps(result))
+    _examples()
     dist.destroy_process_group()
+
+
+_LAUNCHED: dict[str, object] = {}
+
+
+def launch(out_dir: Path) -> tuple[list[dict], str]:
+    """``(per-rank scenario results, the launch's stdout)``: launched once per test session."""
+    if not _LAUNCHED:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(WORLD),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            __file__,
+            str(out_dir),
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env)
+        _LAUNCHED.update(done=done, out_dir=out_dir)
+    done: subprocess.CompletedProcess = _LAUNCHED["done"]  # type: ignore[assignment]
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = Path(_LAUNCHED["out_dir"])  # type: ignore[arg-type]
+    ranks = [json.loads((out / f"mesh{r}.json").read_text()) for r in range(WORLD)]
+    return ranks, done.stdout
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

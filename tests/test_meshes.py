@@ -1,4 +1,4 @@
-"""HSDP, FSDP2 + tensor parallel and pipeline parallel on 4 CPU processes (gloo), one spawn.
+"""HSDP, FSDP2 + tensor parallel and pipeline parallel on 4 CPU processes (gloo), one launch.
 
 Every norm is compared with one process running the whole model on the same batches; the cost
 of a step (collectives, host reads) is counted on each mesh.
@@ -6,13 +6,9 @@ of a step (collectives, host reads) is counted on each mesh.
 
 from __future__ import annotations
 
-import json
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import gradwatch as gw
 
@@ -21,19 +17,11 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 WORLD = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    import _mesh_workers
+    import _mesh_workers  # one torchrun launch per session, shared with test_examples.py
 
-    out = tmp_path_factory.mktemp("meshes")
-    mp.spawn(_mesh_workers.mesh_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD)
-    return [json.loads((out / f"mesh{r}.json").read_text()) for r in range(WORLD)]
+    return _mesh_workers.launch(tmp_path_factory.mktemp("meshes"))[0]
 
 
 def _collectives(counts: dict) -> int:
