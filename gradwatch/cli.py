@@ -25,14 +25,37 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--log", default="gradwatch-demo.jsonl", help="JSONL run log to write (default %(default)s)"
     )
-    report = commands.add_parser("report", help="summarise a JSONL run log (and plot it)")
-    report.add_argument("log", help="a run log written by gradwatch.JsonlSink")
+    report = commands.add_parser(
+        "report",
+        help="summarise a JSONL run log (and plot it); several logs are compared",
+        description="Summarise a run log written by gradwatch.JsonlSink, or compare several: "
+        "gradwatch report before.jsonl after.jsonl --plot compare.png",
+    )
+    report.add_argument(
+        "logs", nargs="+", metavar="log", help="a run log written by gradwatch.JsonlSink"
+    )
     report.add_argument(
         "--plot",
         metavar="FIGURE",
-        help="write a figure, PNG, SVG or PDF after the name's suffix (needs gradwatch[plot])",
+        help="write a figure, PNG, SVG or PDF after the name's suffix (needs gradwatch[plot]); "
+        "with several logs, their loss and gradient norm overlaid",
     )
-    report.add_argument("--html", metavar="HTML", help="write an HTML report")
+    report.add_argument(
+        "--html", metavar="HTML", help="write a self-contained HTML report (one log)"
+    )
+    report.add_argument(
+        "--run",
+        type=int,
+        default=-1,
+        metavar="N",
+        help="which run of a log holding several (appended): 0 the first, -1 the last (default)",
+    )
+    report.add_argument(
+        "--label",
+        action="append",
+        metavar="NAME",
+        help="name of a log in the comparison (once per log, in order; default: file names)",
+    )
     return parser
 
 
@@ -50,9 +73,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gradwatch.demo import run_demo
 
         return run_demo(steps=args.steps, log=args.log)
+    if len(args.logs) > 1:
+        if args.html is not None:
+            print(
+                "gradwatch report: error: --html takes one run log; to compare "
+                f"{len(args.logs)} logs use --plot",
+                file=sys.stderr,
+            )
+            return 2
+        from gradwatch.report.view import run_compare
+
+        return run_compare(args.logs, plot=args.plot, run=args.run, labels=args.label)
+    if args.label is not None:
+        print(
+            "gradwatch report: error: --label names the logs of a comparison; "
+            "give two or more logs",
+            file=sys.stderr,
+        )
+        return 2
     from gradwatch.report.view import run_report
 
-    return run_report(args.log, plot=args.plot, html=args.html)
+    return run_report(args.logs[0], plot=args.plot, html=args.html, run=args.run)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import re
 import subprocess
@@ -90,16 +91,53 @@ def test_plot_is_a_png_of_the_reported_size(run_log, tmp_path, capsys):
     assert png.stat().st_size < 200_000
 
 
-def test_html_page_embeds_the_figure_and_the_tables(run_log, tmp_path, capsys):
+def test_html_page_is_a_report_not_a_terminal_dump(run_log, tmp_path, capsys):
     page = tmp_path / "run.html"
-    assert main(["report", str(run_log), "--html", str(page)]) == 0
+    assert (
+        main(["report", str(run_log), "--html", str(page), "--plot", str(tmp_path / "f.png")]) == 0
+    )
     assert f"HTML report written to {page}" in capsys.readouterr().out
     text = page.read_text(encoding="utf-8")
     assert text.startswith("<!DOCTYPE html>")
-    assert "gradwatch summary: 40 steps" in text and "NaN/Inf started in" in text
+    assert "figure written" not in text and "HTML report written" not in text and "━" not in text
+    summary = gw.read_run(run_log).summary
+    assert summary.findings
+    for finding in summary.findings:  # each finding with its evidence, cause and every fix
+        assert html.escape(finding.evidence) in text
+        assert f"<dt>cause</dt><dd>{finding.cause.replace('_', ' ')}</dd>" in text
+        assert all(f"<li>{html.escape(fix)}</li>" in text for fix in finding.remedies)
+    cards = dict(re.findall(r'<div class="label">([^<]+)</div><div class="value">([^<]+)<', text))
+    assert cards["steps"] == "40" and cards["NaN/Inf steps"] == "1" and cards["spikes"] == "1"
+    assert cards["clipped"] == f"{summary.clip_rate:.0%}"
+    # one NaN step in layer 2: only its row is red, not every row with a NaN step
+    assert re.findall(r'<tr class="origin"><td><code>([^<]+)</code>', text) == ["2"]
+    timeline = text[text.index('aria-label="events"') :]
+    assert re.search(r'<td class="num">15</td><td><span class="badge spike">spike</span>', timeline)
     embedded = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
     assert embedded is not None
     assert base64.b64decode(embedded.group(1))[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_html_escapes_names_from_the_model(run_log, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the page's text only: no figure
+    hostile = tmp_path / "hostile.jsonl"  # layer "<i>2</i>": a module name is the user's text
+    text = run_log.read_text().replace("2.weight", "<i>2</i>.weight")
+    hostile.write_text(text.replace('"name":"2",', '"name":"<i>2</i>",'))  # summary layers
+    page = tmp_path / "hostile.html"
+    assert main(["report", str(hostile), "--html", str(page)]) == 0
+    text = page.read_text(encoding="utf-8")
+    assert "<i>" not in text
+    assert "<code>&lt;i&gt;2&lt;/i&gt;</code>" in text  # its row in the layer table
+    assert "&lt;i&gt;2&lt;/i&gt;.weight" in text  # in the events and the findings
+
+
+def test_html_without_matplotlib_says_how_to_get_the_figure(run_log, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    page = tmp_path / "run.html"
+    assert main(["report", str(run_log), "--html", str(page)]) == 0
+    text = page.read_text(encoding="utf-8")
+    assert "<img" not in text and "pip install &quot;gradwatch[plot]&quot;" in text
+    assert 'aria-label="layers"' in text and 'aria-label="events"' in text
 
 
 def test_log_of_a_killed_run_still_reports(tmp_path, capsys):
@@ -143,6 +181,121 @@ def test_long_names_wrap_whole_in_an_80_column_report(tmp_path):
     messages = "".join(line.split("│")[-1].strip() for line in timeline)
     assert f"`{LONG_NAME}.weight`" in messages  # folded, never cut
     assert all(len(line) <= 80 for line in table + timeline)
+
+
+def _train_with_optimizer(path, steps=30, *, spike_at=20, mode="x"):
+    """A run with an attached optimizer and a decaying learning rate, one bad batch at
+    ``spike_at`` (inputs 30x: a gradient spike and a loss spike), clipped at 1.0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.85**step)
+    watch = gw.GradWatch(
+        model,
+        sinks=[JsonlSink(path, mode=mode)],
+        clip=gw.ClipNorm(1.0),
+        spike_detector=gw.SpikeDetector(warmup=5),
+    )
+    watch.attach(opt)
+    for step in range(steps):
+        x = torch.randn(16, 4) * (30.0 if step == spike_at else 1.0)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        with watch.backward(loss=loss):
+            loss.backward()
+        opt.step()
+        schedule.step()
+    watch.close()
+
+
+def test_figure_shows_loss_with_its_spikes_on_the_curve_and_the_learning_rate(tmp_path):
+    from gradwatch.report.plots import run_figure
+
+    path = tmp_path / "lr.jsonl"
+    _train_with_optimizer(path)
+    log = gw.read_run(path)
+    spikes = [e for e in log.events if e.kind == "loss_spike"]
+    assert [e.step for e in spikes] == [20]
+    fig = run_figure(log)
+    loss, norm, _heat = (
+        ax for ax in fig.axes if ax.get_ylabel() in ("loss", "global grad norm", "layer")
+    )
+    assert loss.get_yscale() == "log"  # the spike is 100x the loss around it: log scale
+    curve = loss.get_lines()[0]
+    x, y = curve.get_xdata(), curve.get_ydata()
+    assert y[list(x).index(20)] == pytest.approx(spikes[0].data["loss"])  # the curve has the spike
+    marker = next(c for c in loss.collections if c.get_label().startswith("loss spike"))
+    assert marker.get_offsets().tolist() == [[20, pytest.approx(spikes[0].data["loss"])]]
+    assert not any(c.get_label().startswith("loss spike") for c in norm.collections)
+    twin = next(ax for ax in fig.axes if ax.get_ylabel() == "learning rate")
+    assert twin.get_yscale() == "log"  # 0.05 * 0.85**29: two decades
+    lr = twin.get_lines()[0].get_ydata() if twin.get_lines() else None
+    assert lr is None or np.nanmax(lr) == pytest.approx(0.05)
+    assert np.allclose(log.lr, 0.05 * 0.85 ** np.arange(30))
+
+
+def test_figure_without_a_learning_rate_says_so(run_log):
+    from gradwatch.report.plots import run_figure
+
+    fig = run_figure(gw.read_run(run_log))  # train_steps attaches no optimizer
+    loss = next(ax for ax in fig.axes if ax.get_ylabel() == "loss")
+    assert "learning rate not recorded" in [t.get_text() for t in loss.get_legend().get_texts()]
+    assert not any(ax.get_ylabel() == "learning rate" for ax in fig.axes)
+
+
+def test_two_logs_are_compared_side_by_side_and_overlaid(run_log, tmp_path, capsys):
+    other = tmp_path / "after.jsonl"
+    _train_with_optimizer(other)
+    png = tmp_path / "cmp.png"
+    argv = ["report", str(run_log), str(other), "--plot", str(png), "--label", "before"]
+    assert main([*argv, "--label", "after"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("│")[0].strip(): line for line in out.splitlines() if "│" in line}
+    header = next(line for line in out.splitlines() if "before" in line and "after" in line)
+    assert header.index("before") < header.index("after")
+    assert re.search(r"40 \(0-39\) +│ +30 \(0-29\)", rows["steps"])
+    assert re.search(r"│ +1 +│ +0$", rows["NaN/Inf steps"])
+    for key in ("clipped", "spikes", "skipped", "final norm", "median norm", "final loss"):
+        assert key in rows
+    size = re.search(r"figure written to .*cmp\.png \((\d+)x(\d+) px\)", out)
+    pixels = image.imread(png)
+    assert pixels.shape[:2] == (int(size.group(2)), int(size.group(1)))
+    assert pixels.std() > 0.05
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        (["--label", "only one"], "--label given 1 time(s) for 2 run logs"),
+        (["--html", "x.html"], "--html takes one run log"),
+    ],
+)
+def test_a_comparison_with_bad_options_is_one_line_and_exit_code_2(
+    run_log, tmp_path, capsys, extra, reason
+):
+    assert main(["report", str(run_log), str(run_log), *extra]) == 2
+    assert reason in _one_error_line(capsys)
+
+
+def test_a_missing_log_in_a_comparison_is_one_line_and_exit_code_2(run_log, tmp_path, capsys):
+    missing = tmp_path / "missing.jsonl"
+    assert main(["report", str(run_log), str(missing), "--plot", str(tmp_path / "c.png")]) == 2
+    assert f"run log {str(missing)!r} does not exist" in _one_error_line(capsys)
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_run_picks_one_of_the_appended_runs(tmp_path, capsys):
+    path = tmp_path / "two.jsonl"
+    _train_with_optimizer(path, steps=8, spike_at=None)
+    _train_with_optimizer(path, steps=12, spike_at=None, mode="a")
+    for run, steps, which in ((0, 8, 1), (-1, 12, 2), (-2, 8, 1)):
+        assert main(["report", str(path), "--run", str(run)]) == 0
+        out = capsys.readouterr().out
+        assert f"(run {which} of 2)" in out and f"{steps} steps recorded" in out
+    for run in (2, -3):
+        assert main(["report", str(path), "--run", str(run)]) == 2
+        line = _one_error_line(capsys)
+        assert f"--run {run}: {str(path)!r} holds 2 runs: use 0 to 1, or -1 to -2" in line
 
 
 HEADER = b'{"type":"header","format":"gradwatch.jsonl","format_version":1,"params":[]}'

@@ -15,6 +15,7 @@ drawing uses the Agg canvas directly and never touches pyplot's global state or 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -26,7 +27,14 @@ from gradwatch.errors import ConfigError
 from gradwatch.layers import layer_of
 from gradwatch.report.runlog_arrays import RunLog
 
-__all__ = ["FORMATS", "plot_format", "plot_run"]
+__all__ = [
+    "FORMATS",
+    "compare_figure",
+    "plot_compare",
+    "plot_format",
+    "plot_run",
+    "run_figure",
+]
 
 PlotFormat = Literal["png", "svg", "pdf"]
 
@@ -74,14 +82,28 @@ def plot_run(
         ValueError: The log has no recorded step, ``out``'s suffix is not one of
             :data:`FORMATS`, or an argument is invalid.
     """
-    if format is None:
-        format = "png" if hasattr(out, "write") else plot_format(out)  # type: ignore[arg-type]
-    elif format not in FORMATS.values():
-        raise ConfigError(f"format must be one of 'png', 'svg', 'pdf', got {format!r}")
-    require("matplotlib", extra="plot")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    format = _format(out, format)
+    fig = run_figure(log, layer_depth=layer_depth, max_columns=max_columns, width=width, dpi=dpi)
+    return _save(fig, out, format, dpi)
 
+
+def run_figure(
+    log: RunLog,
+    *,
+    layer_depth: int | None = None,
+    max_columns: int = 600,
+    width: float = 11.0,
+    dpi: int = 100,
+) -> Any:
+    """The figure of :func:`plot_run` as a ``matplotlib.figure.Figure``, not saved.
+
+    Its axes, top to bottom: loss (its twin: learning rate), global gradient norm, heatmap.
+
+    Raises:
+        MissingExtraError: matplotlib is not installed.
+        ValueError: The log has no recorded step, or an argument is invalid.
+    """
+    require("matplotlib", extra="plot")
     check_int("max_columns", max_columns, minimum=2)
     check_int("dpi", dpi, minimum=10)
     if len(log) == 0:
@@ -90,8 +112,7 @@ def plot_run(
     data = _Reduced(log, layer_depth, max_columns)
     n_layers = len(data.layers)
     rows = max(n_layers, 7) * 0.16  # a few layers still get a readable colour bar
-    fig = Figure(figsize=(width, 5.0 + min(rows, 7.7)), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _new_figure(width, 5.0 + min(rows, 7.7), dpi)
     grid = fig.add_gridspec(3, 2, width_ratios=(60, 1), height_ratios=(1.7, 2.1, rows))
     loss = fig.add_subplot(grid[0, 0])
     top = fig.add_subplot(grid[1, 0], sharex=loss)
@@ -103,7 +124,169 @@ def plot_run(
     _draw_loss(loss, log, data)
     _draw_global(top, log, data)
     _draw_heatmap(heat, colorbar_axis, fig, log, data, layer_depth)
-    fig.suptitle(_title(log, data), x=0.01, ha="left", fontsize=11)
+    fig.suptitle(_title(log, data, int(width * 12)), x=0.01, ha="left", fontsize=11)
+    return fig
+
+
+def plot_compare(
+    logs: Sequence[RunLog],
+    out: str | os.PathLike[str] | IO[bytes],
+    *,
+    labels: Sequence[str] | None = None,
+    max_columns: int = 600,
+    width: float = 11.0,
+    dpi: int = 100,
+    format: PlotFormat | None = None,
+) -> tuple[int, int]:
+    """Overlay runs (e.g. before and after a fix): the loss on top, the global norm below.
+
+    Each run has one colour; its gradient-norm spikes (▲) and loss spikes (◆) sit on its curves,
+    and its NaN/Inf steps are crosses along the top of the norm panel.
+
+    Args:
+        logs: Two or more runs read by :func:`~gradwatch.report.runlog.read_run`.
+        out: File path or binary file object to write the figure to.
+        labels: One legend label per run (default: each log's file name).
+        max_columns, width, dpi, format: As for :func:`plot_run`.
+
+    Returns:
+        The figure's ``(width, height)`` in pixels at ``dpi``.
+
+    Raises:
+        MissingExtraError: matplotlib is not installed.
+        ValueError: A log has no recorded step, ``labels`` does not match ``logs``, or an
+            argument is invalid.
+    """
+    format = _format(out, format)
+    fig = compare_figure(logs, labels=labels, max_columns=max_columns, width=width, dpi=dpi)
+    return _save(fig, out, format, dpi)
+
+
+def compare_figure(
+    logs: Sequence[RunLog],
+    *,
+    labels: Sequence[str] | None = None,
+    max_columns: int = 600,
+    width: float = 11.0,
+    dpi: int = 100,
+) -> Any:
+    """The figure of :func:`plot_compare` as a ``matplotlib.figure.Figure``, not saved.
+
+    Raises:
+        MissingExtraError: matplotlib is not installed.
+        ValueError: As for :func:`plot_compare`.
+    """
+    labels = [log.path.name for log in logs] if labels is None else list(labels)
+    if len(labels) != len(logs):
+        raise ConfigError(f"labels must hold one label per log ({len(logs)}), got {len(labels)}")
+    for log in logs:
+        if len(log) == 0:
+            raise ConfigError(f"run log {str(log.path)!r} has no recorded steps to plot")
+    require("matplotlib", extra="plot")
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+
+    check_int("max_columns", max_columns, minimum=2)
+    check_int("dpi", dpi, minimum=10)
+    fig = _new_figure(width, 6.4, dpi)
+    loss_ax, norm_ax = fig.subplots(2, 1, sharex=True, height_ratios=(1.0, 1.25))
+    palette = colormaps["tab10"].colors
+    losses, norms = [], []
+    for i, (log, label) in enumerate(zip(logs, labels)):
+        colour = palette[i % len(palette)]
+        data = _Reduced(log, None, max_columns)
+        shown = _loss_series(
+            loss_ax,
+            log,
+            data,
+            colour=colour,
+            spike_colour=colour,
+            name=label,
+            counted=False,
+            nan_height=0.97 - 0.04 * i,
+        )
+        if shown is not None:
+            losses.append(shown)
+        _line(norm_ax, data, data.global_max, color=colour, lw=1.4, label=label)
+        norms.append(data.global_max[np.isfinite(data.global_max)])
+        spikes = [e for e in log.events if e.kind == "spike"]
+        if spikes:
+            sx = [e.step for e in spikes]
+            sy = [_number(e.data.get("global_norm")) for e in spikes]
+            norm_ax.scatter(
+                sx, sy, marker="^", s=42, color=colour, edgecolor="black", lw=0.5, zorder=5
+            )
+        nonfinite = np.union1d(_event_steps(log, "nonfinite"), log.step[log.nonfinite])
+        if len(nonfinite):
+            norm_ax.scatter(
+                nonfinite,
+                np.full(len(nonfinite), 0.97 - 0.04 * i),
+                marker="x",
+                s=30,
+                color=colour,
+                lw=1.5,
+                zorder=5,
+                transform=norm_ax.get_xaxis_transform(),
+            )
+    if losses:
+        _scale(loss_ax, np.concatenate(losses), margin=(1.5, 2.5))
+    else:
+        loss_ax.text(
+            0.5,
+            0.5,
+            "no run recorded a loss",
+            transform=loss_ax.transAxes,
+            ha="center",
+            va="center",
+        )
+        loss_ax.set_yticks([])
+    finite = np.concatenate(norms)
+    _scale(norm_ax, finite[finite > 0], margin=(3.0, 6.0))
+    if len(finite) and finite.min() > 0:
+        norm_ax.set_yscale("log")  # a norm panel is always log: runs differ by decades
+    first = min(float(log.step[0] - log.window_steps[0] + 1) for log in logs)
+    norm_ax.set_xlim(first - 0.5, max(float(log.step[-1]) for log in logs) + 0.5)
+    loss_ax.set_ylabel("loss")
+    norm_ax.set_ylabel("global grad norm")
+    norm_ax.set_xlabel("optimizer step")
+    for ax in (loss_ax, norm_ax):
+        ax.grid(True, which="major", alpha=0.3)
+    marks = [
+        Line2D([], [], color="0.3", marker="^", ls="", markeredgecolor="black", label="spike"),
+        Line2D([], [], color="0.3", marker="D", ls="", markeredgecolor="black", label="loss spike"),
+        Line2D([], [], color="0.3", marker="x", ls="", label="NaN/Inf step"),
+    ]
+    handles, names = norm_ax.get_legend_handles_labels()
+    _legend_above(loss_ax, handles + marks, names + [m.get_label() for m in marks])
+    title = " vs ".join(
+        f"{label} ({int(log.window_steps.sum())} steps)" for log, label in zip(logs, labels)
+    )
+    fig.suptitle(f"compare: {title}", x=0.01, ha="left", fontsize=11)
+    return fig
+
+
+def _format(out: str | os.PathLike[str] | IO[bytes], format: PlotFormat | None) -> PlotFormat:
+    if format is None:
+        return "png" if hasattr(out, "write") else plot_format(out)  # type: ignore[arg-type]
+    if format not in FORMATS.values():
+        raise ConfigError(f"format must be one of 'png', 'svg', 'pdf', got {format!r}")
+    return format
+
+
+def _new_figure(width: float, height: float, dpi: int) -> Any:
+    """A figure on its own Agg canvas: pyplot's global state and backend are never touched."""
+    require("matplotlib", extra="plot")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(
+    fig: Any, out: str | os.PathLike[str] | IO[bytes], format: str, dpi: int
+) -> tuple[int, int]:
     fig.savefig(out, format=format, dpi=dpi)
     w, h = fig.canvas.get_width_height()
     return int(w), int(h)
@@ -219,53 +402,13 @@ def _shade_nonfinite(ax: Any, log: RunLog, data: _Reduced, *, label: bool) -> No
 
 def _draw_loss(ax: Any, log: RunLog, data: _Reduced) -> None:
     """The loss (log scale when it spans decades), loss spikes on it, the LR on a twin axis."""
-    x = data.centers
     _shade_nonfinite(ax, log, data, label=False)
-    bad = np.isinf(log.loss) | (np.isnan(log.loss) & log.nonfinite)
-    bad_steps = log.step[bad].astype(np.float64) if np.isfinite(log.loss).any() else bad[:0]
-    spikes = [(e.step, _number(e.data.get("loss"))) for e in log.events if e.kind == "loss_spike"]
-    if not np.isfinite(data.loss_max).any() and not len(bad_steps):
+    shown = _loss_series(ax, log, data, colour=_LOSS, spike_colour=_GOLD, name="loss")
+    if shown is None:
         ax.text(0.5, 0.5, "loss not recorded", transform=ax.transAxes, ha="center", va="center")
         ax.set_yticks([])
     else:
-        if data.binned:
-            ax.fill_between(
-                x, data.loss_min, data.loss_max, step="mid", color=_LOSS, alpha=0.2, lw=0
-            )
-            ax.stairs(data.loss_max, data.edges, color=_LOSS, lw=1.4, label="loss (max per column)")
-        else:  # the loss is known at the recorded steps, and at each loss spike (its event)
-            known = dict(zip(log.step.tolist(), log.loss.tolist()))
-            known.update((step, y) for step, y in spikes if np.isfinite(y))
-            lx = np.array(sorted(known), dtype=np.float64)
-            name = "loss" + (" (recorded steps and loss spikes)" if log.every > 1 else "")
-            ax.plot(lx, [known[k] for k in lx.tolist()], color=_LOSS, lw=1.4, label=name)
-        if spikes:
-            sx, sy = np.array(spikes, dtype=np.float64).T
-            ax.scatter(
-                sx,
-                sy,
-                marker="D",
-                s=36,
-                color=_GOLD,
-                edgecolor="black",
-                lw=0.5,
-                zorder=5,
-                label=f"loss spike ({len(spikes)})",
-            )
-        if len(bad_steps):
-            ax.scatter(
-                bad_steps,
-                np.full(len(bad_steps), 0.93),
-                transform=ax.get_xaxis_transform(),
-                marker="x",
-                s=30,
-                color=_RED,
-                lw=1.5,
-                zorder=5,
-                label=f"loss NaN/Inf ({len(bad_steps)})",
-            )
-        shown = np.concatenate((data.loss_max, data.loss_min, [y for _, y in spikes]))
-        _scale(ax, shown[np.isfinite(shown)], margin=(1.5, 2.5))
+        _scale(ax, shown, margin=(1.5, 2.5))
     ax.set_ylabel("loss")
     ax.grid(True, which="major", alpha=0.3)
     ax.tick_params(labelbottom=False)
@@ -278,19 +421,76 @@ def _draw_loss(ax: Any, log: RunLog, data: _Reduced) -> None:
         twin.tick_params(axis="y", colors=_LR, labelsize=8)
         more = twin.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
-    else:
-        ax.text(
-            0.995,
-            0.95,
-            "learning rate not recorded",
-            transform=ax.transAxes,
-            ha="right",
-            va="top",
-            fontsize=8,
-            color="0.35",
+    else:  # said in the legend row, where it can hide no data
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], ls="none"))
+        labels.append("learning rate not recorded")
+    legend = _legend_above(ax, handles, labels)
+    if legend is not None and labels[-1] == "learning rate not recorded":
+        legend.get_texts()[-1].set_color("0.35")
+
+
+def _loss_series(
+    ax: Any,
+    log: RunLog,
+    data: _Reduced,
+    *,
+    colour: str,
+    spike_colour: str,
+    name: str,
+    counted: bool = True,
+    nan_height: float = 0.93,
+) -> np.ndarray | None:
+    """Draw one run's loss, its loss spikes on the curve and its NaN/Inf losses along the top.
+
+    Returns:
+        The finite values drawn (for the axis limits), or None if the run recorded no loss.
+    """
+    bad = np.isinf(log.loss) | (np.isnan(log.loss) & log.nonfinite)
+    bad_steps = log.step[bad].astype(np.float64) if np.isfinite(log.loss).any() else bad[:0]
+    spikes = [(e.step, _number(e.data.get("loss"))) for e in log.events if e.kind == "loss_spike"]
+    if not np.isfinite(data.loss_max).any() and not len(bad_steps):
+        return None
+    if data.binned:
+        ax.fill_between(
+            data.centers, data.loss_min, data.loss_max, step="mid", color=colour, alpha=0.2, lw=0
         )
-    if handles:
-        _legend_above(ax, handles, labels)
+        ax.stairs(data.loss_max, data.edges, color=colour, lw=1.4, label=f"{name} (max per column)")
+    else:  # the loss is known at the recorded steps, and at each loss spike (its event)
+        known = dict(zip(log.step.tolist(), log.loss.tolist()))
+        known.update((step, y) for step, y in spikes if np.isfinite(y))
+        lx = np.array(sorted(known), dtype=np.float64)
+        if log.every > 1 and counted:
+            name += " (recorded steps and loss spikes)"
+        ax.plot(lx, [known[k] for k in lx.tolist()], color=colour, lw=1.4, label=name)
+    if spikes:
+        sx, sy = np.array(spikes, dtype=np.float64).T
+        ax.scatter(
+            sx,
+            sy,
+            marker="D",
+            s=36,
+            color=spike_colour,
+            edgecolor="black",
+            lw=0.5,
+            zorder=5,
+            label=f"loss spike ({len(spikes)})" if counted else None,
+        )
+    if len(bad_steps):
+        ax.scatter(
+            bad_steps,
+            np.full(len(bad_steps), nan_height),
+            transform=ax.get_xaxis_transform(),
+            marker="x",
+            s=30,
+            color=_RED if counted else colour,
+            lw=1.5,
+            zorder=5,
+            label=f"loss NaN/Inf ({len(bad_steps)})" if counted else None,
+        )
+    shown = np.concatenate((data.loss_max, data.loss_min, [y for _, y in spikes]))
+    return shown[np.isfinite(shown)]
 
 
 def _line(ax: Any, data: _Reduced, values: np.ndarray, **style: Any) -> None:
@@ -301,21 +501,22 @@ def _line(ax: Any, data: _Reduced, values: np.ndarray, **style: Any) -> None:
         ax.plot(data.centers, values, **style)
 
 
-def _legend_above(ax: Any, handles: list[Any], labels: list[str]) -> None:
-    """The legend in one row above the panel, where it hides no data."""
-    if handles:
-        ax.legend(
-            handles,
-            labels,
-            loc="lower left",
-            bbox_to_anchor=(0, 1),
-            ncols=6,
-            fontsize=8,
-            frameon=False,
-            borderaxespad=0.2,
-            handlelength=1.8,
-            columnspacing=1.2,
-        )
+def _legend_above(ax: Any, handles: list[Any], labels: list[str]) -> Any:
+    """The legend in one row above the panel, where it hides no data (None if no entry)."""
+    if not handles:
+        return None
+    return ax.legend(
+        handles,
+        labels,
+        loc="lower left",
+        bbox_to_anchor=(0, 1),
+        ncols=min(len(handles), 8),
+        fontsize=8,
+        frameon=False,
+        borderaxespad=0.2,
+        handlelength=1.8,
+        columnspacing=1.2,
+    )
 
 
 def _scale(ax: Any, values: np.ndarray, *, margin: tuple[float, float]) -> None:
@@ -461,7 +662,8 @@ def _draw_heatmap(
     ax.set_ylim(n_layers - 0.5, -0.5)  # first layer on top
     every = max(1, int(np.ceil(n_layers / 40)))
     ticks = np.arange(0, n_layers, every)
-    ax.set_yticks(ticks, [data.layers[i] for i in ticks], fontsize=8 if n_layers <= 24 else 6)
+    names = [_short(data.layers[i]) for i in ticks]  # the full names are in the table
+    ax.set_yticks(ticks, names, fontsize=8 if n_layers <= 24 else 6)
     ax.set_xlim(data.edges[0], data.edges[-1])
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("layer (model order)" if n_layers >= 8 else "layer")
@@ -490,12 +692,12 @@ def _draw_heatmap(
         )
         right = first.step > (data.edges[0] + data.edges[-1]) / 2
         ax.annotate(
-            f"NaN/Inf starts: {name}, step {first.step}",
+            f"NaN/Inf starts: {_short(name, 48)}, step {first.step}",
             xy=(first.step, layer),
-            xytext=(-28 if right else 28, 16 if layer > n_layers / 2 else -16),
+            xytext=(-28 if right else 28, 16 if layer >= n_layers / 2 else -16),
             textcoords="offset points",
             ha="right" if right else "left",
-            va="bottom" if layer > n_layers / 2 else "top",
+            va="bottom" if layer >= n_layers / 2 else "top",
             fontsize=8.5,
             bbox={"boxstyle": "round,pad=0.25", "fc": "white", "ec": _RED, "lw": 0.8},
             arrowprops={"arrowstyle": "->", "color": "black", "lw": 0.9},
@@ -528,19 +730,34 @@ def _colormap() -> Any:
     return viridis.with_extremes(under=viridis(0.0), bad=_ABSENT)
 
 
-def _title(log: RunLog, data: _Reduced) -> str:
+def _title(log: RunLog, data: _Reduced, chars: int) -> str:
+    """The figure's title, wrapped between its parts to lines of at most ``chars``."""
     steps = int(log.window_steps.sum())
     parts = [f"{log.path.name}: {steps} steps, {len(data.layers)} layers"]
     first = next((e for e in log.events if e.kind == "nonfinite" and e.params), None)
     if first is not None:
-        parts.append(f"NaN/Inf from step {first.step} (first in {first.params[0]})")
+        parts.append(f"NaN/Inf from step {first.step} (first in {_short(first.params[0], 48)})")
     spikes = sum(e.kind == "spike" for e in log.events)
     if spikes:
         parts.append(f"{spikes} spike{'s' * (spikes > 1)}")
     if data.any_clipped:
         clipped = int((log.clip_coef < 1.0).sum())
         parts.append(f"clipped {clipped}/{len(log)} recorded steps")
-    return " · ".join(parts)
+    lines = [parts[0]]
+    for part in parts[1:]:
+        if len(lines[-1]) + 3 + len(part) > chars:
+            lines.append(part)
+        else:
+            lines[-1] += f" · {part}"
+    return "\n".join(lines)
+
+
+def _short(name: str, limit: int = 28) -> str:
+    """A long layer name cut in the middle (``encoder_blo…ut.weight``), keeping both ends."""
+    if len(name) <= limit:
+        return name
+    tail = (limit - 1) // 2
+    return f"{name[: limit - 1 - tail]}…{name[-tail:]}"
 
 
 def _number(value: Any) -> float:

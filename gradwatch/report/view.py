@@ -3,18 +3,18 @@
 The terminal part needs nothing beyond gradwatch's own dependencies: what was watched and how,
 the same per-layer table the console sink prints at the end of a run, and a timeline of events
 with repeats folded (a run that went NaN at step 57 and stayed NaN shows one line, not 10,000).
-``--plot`` adds the figure of :mod:`gradwatch.report.plots`; ``--html`` writes one self-contained
-page (the terminal output, and the figure embedded when matplotlib is installed).
+``--plot`` adds the figure of :mod:`gradwatch.report.plots`; ``--html`` writes the page of
+:mod:`gradwatch.report.html`. Several logs (``gradwatch report a.jsonl b.jsonl``) are compared:
+their totals side by side, and ``--plot`` overlays their loss and gradient norm.
 """
 
 from __future__ import annotations
 
-import base64
-import html as html_lib
-import io
+import math
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -27,7 +27,16 @@ from gradwatch.records import Event
 from gradwatch.report.console import fmt, summary_notes, summary_table
 from gradwatch.report.runlog import RunLog, RunLogError, read_run
 
-__all__ = ["event_timeline", "render_report", "run_report"]
+__all__ = [
+    "RunTotals",
+    "damage_lines",
+    "event_timeline",
+    "fold_events",
+    "render_report",
+    "run_compare",
+    "run_report",
+    "run_totals",
+]
 
 _KIND_STYLE = {
     "nonfinite": "bold red",
@@ -51,6 +60,7 @@ def run_report(
     plot: str | os.PathLike[str] | None = None,
     html: str | os.PathLike[str] | None = None,
     *,
+    run: int = -1,
     console: Console | None = None,
 ) -> int:
     """Summarise the run log at ``path`` in the terminal; optionally write a figure and a page.
@@ -66,6 +76,7 @@ def run_report(
         plot: Where to write the figure (needs ``gradwatch[plot]``), as PNG, SVG or PDF after the
             suffix of the name, or None.
         html: Where to write a self-contained HTML report, or None.
+        run: Which run of a log holding several (appended): 0 for the first, -1 for the last.
         console: Where the summary goes (default: a console on stdout).
 
     Returns:
@@ -81,7 +92,7 @@ def run_report(
         print(f"gradwatch report: {err}", file=sys.stderr)
         return 1
     try:
-        log = read_run(path)
+        log = _read(path, run)
     except RunLogError as err:
         return _fail(str(err))
     if plot is not None and len(log) == 0:
@@ -94,8 +105,6 @@ def run_report(
         return _fail(str(err))
 
     out = console if console is not None else Console()
-    if html is not None and not out.record:
-        out = Console(file=out.file, record=True, width=out.width if console else None)
     for renderable in render_report(log):
         out.print(renderable, soft_wrap=isinstance(renderable, Text))  # lines: never hard-wrap
 
@@ -110,8 +119,10 @@ def run_report(
         size = f"{width}x{height} px" if kind == "png" else kind.upper()  # vector: no pixels
         out.print(Text(f"figure written to {plot} ({size})"), soft_wrap=True)
     if html is not None:
+        from gradwatch.report.html import write_html
+
         try:
-            _write_html(log, out, html)
+            write_html(log, html)
         except OSError as err:
             return _fail(f"cannot write the HTML report to {str(html)!r}: {err.strerror or err}")
         out.print(Text(f"HTML report written to {html}"), soft_wrap=True)
@@ -184,16 +195,7 @@ def event_timeline(events: Sequence[Event]) -> Table | Text:
     """
     if not events:
         return Text("no events: no NaN/Inf, spike, loss spike or skipped step", style="green")
-    rows: list[list[Event]] = []
-    open_rows: dict[str, list[Event]] = {}
-    for event in events:
-        current = open_rows.get(event.kind)
-        if current is not None and event.step - current[-1].step <= 1:
-            current.append(event)
-        else:
-            current = [event]
-            open_rows[event.kind] = current
-            rows.append(current)
+    rows = fold_events(events)
     table = Table(title="events", title_justify="left", show_edge=False, pad_edge=False)
     table.add_column("steps", justify="right", no_wrap=True)
     table.add_column("event", no_wrap=True)
@@ -213,6 +215,206 @@ def event_timeline(events: Sequence[Event]) -> Table | Text:
         hidden = sum(len(group) for group in rows[30:])
         table.add_row("...", "", str(hidden), f"{len(rows) - 30} more runs of events")
     return table
+
+
+def fold_events(events: Sequence[Event]) -> list[list[Event]]:
+    """Events in step order, each run of one kind at consecutive steps folded into one group."""
+    rows: list[list[Event]] = []
+    open_rows: dict[str, list[Event]] = {}
+    for event in events:
+        current = open_rows.get(event.kind)
+        if current is not None and event.step - current[-1].step <= 1:
+            current.append(event)
+        else:
+            current = [event]
+            open_rows[event.kind] = current
+            rows.append(current)
+    return rows
+
+
+@dataclass(frozen=True)
+class RunTotals:
+    """The numbers a reader compares first, from the run's summary (or its recorded steps).
+
+    Attributes:
+        steps: Steps checked.
+        first_step, last_step: Steps covered (None without a recorded step).
+        clipped, spikes, loss_spikes, nonfinite, skipped: Step counts.
+        clip_rate: ``clipped / steps``.
+        final_norm: Global norm of the last recorded step.
+        median_norm: Median finite global norm of the recorded steps (NaN if none).
+        final_loss: Loss of the last recorded step that has one (NaN/inf included), None if the
+            run recorded no loss.
+        final_lr: Learning rate of the last recorded step that has one, None if none.
+    """
+
+    steps: int
+    first_step: int | None
+    last_step: int | None
+    clipped: int
+    clip_rate: float
+    spikes: int
+    loss_spikes: int
+    nonfinite: int
+    skipped: int
+    final_norm: float
+    median_norm: float
+    final_loss: float | None
+    final_lr: float | None
+
+
+def run_totals(log: RunLog) -> RunTotals:
+    """The :class:`RunTotals` of ``log``: the summary's counts, the median and final values."""
+    import numpy as np
+
+    s = log.summary if log.summary is not None else log.summarize()
+    finite = log.global_norm[np.isfinite(log.global_norm)]
+    # a loss was given at a step when it is finite, inf, or NaN at a step with NaN gradients
+    given = np.flatnonzero(~np.isnan(log.loss) | (log.nonfinite & np.isfinite(log.loss).any()))
+    known_lr = np.flatnonzero(np.isfinite(log.lr))
+    return RunTotals(
+        steps=s.steps,
+        first_step=s.first_step,
+        last_step=s.last_step,
+        clipped=s.clipped_steps,
+        clip_rate=s.clip_rate,
+        spikes=s.spikes,
+        loss_spikes=s.loss_spikes,
+        nonfinite=s.nonfinite_steps,
+        skipped=s.skipped_steps,
+        final_norm=s.global_last,
+        median_norm=float(np.median(finite)) if len(finite) else math.nan,
+        final_loss=float(log.loss[given[-1]]) if len(given) else None,
+        final_lr=float(log.lr[known_lr[-1]]) if len(known_lr) else None,
+    )
+
+
+def run_compare(
+    paths: Sequence[str | os.PathLike[str]],
+    plot: str | os.PathLike[str] | None = None,
+    *,
+    run: int = -1,
+    labels: Sequence[str] | None = None,
+    console: Console | None = None,
+) -> int:
+    """Compare run logs: their totals side by side; ``plot`` overlays their loss and norm.
+
+    Args:
+        paths: Two or more logs written by :class:`~gradwatch.report.jsonl.JsonlSink`.
+        plot: Where to write the overlay (needs ``gradwatch[plot]``), or None.
+        run: Which run of each log, when a log holds several (0 first, -1 last).
+        labels: One name per log for the table and the legend (default: the file names).
+        console: Where the comparison goes (default: a console on stdout).
+
+    Returns:
+        The exit code, as for :func:`run_report`.
+    """
+    if labels is not None and len(labels) != len(paths):
+        return _fail(
+            f"--label given {len(labels)} time(s) for {len(paths)} run logs; "
+            "give one label per log, in the order of the logs"
+        )
+    try:
+        _check_outputs(plot, None)
+    except _OutputError as err:
+        return _fail(str(err))
+    except MissingExtraError as err:
+        print(f"gradwatch report: {err}", file=sys.stderr)
+        return 1
+    try:
+        logs = [_read(path, run) for path in paths]
+    except RunLogError as err:
+        return _fail(str(err))
+    if plot is not None:
+        empty = next((log for log in logs if len(log) == 0), None)
+        if empty is not None:
+            return _fail(f"cannot plot {str(empty.path)!r}: the run recorded no step")
+        try:
+            _make_folder("--plot", plot)
+        except _OutputError as err:
+            return _fail(str(err))
+    names = list(labels) if labels is not None else _names(logs)
+    out = console if console is not None else Console()
+    out.print(Text(f"comparing {len(logs)} run logs", style="bold"), soft_wrap=True)
+    for name, log in zip(names, logs):
+        runs = f" (run {log.run_index + 1} of {log.run_count})" if log.run_count > 1 else ""
+        out.print(Text(f"  {name}: {log.path}{runs}"), soft_wrap=True)
+        for note in damage_lines(log):
+            note.pad_left(4)
+            out.print(note, soft_wrap=True)
+    out.print(Text(""))
+    out.print(compare_table(names, [run_totals(log) for log in logs]))
+    if plot is not None:
+        from gradwatch.report.plots import plot_compare, plot_format
+
+        kind = plot_format(plot)
+        try:
+            width, height = plot_compare(logs, plot, labels=names, format=kind)
+        except OSError as err:
+            return _fail(f"cannot write the figure to {str(plot)!r}: {err.strerror or err}")
+        size = f"{width}x{height} px" if kind == "png" else kind.upper()
+        out.print(Text(f"figure written to {plot} ({size})"), soft_wrap=True)
+    else:
+        shown = " ".join(str(p) for p in paths)
+        out.print(
+            Text(f"overlay them: gradwatch report {shown} --plot compare.png", style="dim"),
+            soft_wrap=True,
+        )
+    return 0
+
+
+def compare_table(names: Sequence[str], totals: Sequence[RunTotals]) -> Table:
+    """Runs side by side, one column each: counts, final and median norm, final loss."""
+    table = Table(show_edge=False, pad_edge=False, title_justify="left")
+    table.add_column("", no_wrap=True)
+    for name in names:
+        table.add_column(name, justify="right", overflow="fold")
+    rows = (
+        ("steps", lambda t: f"{t.steps}" + (f" ({t.first_step}-{t.last_step})" if t.steps else "")),
+        ("clipped", lambda t: f"{t.clipped} ({t.clip_rate:.0%})"),
+        ("spikes", lambda t: str(t.spikes)),
+        ("loss spikes", lambda t: str(t.loss_spikes)),
+        ("NaN/Inf steps", lambda t: str(t.nonfinite)),
+        ("skipped", lambda t: str(t.skipped)),
+        ("final norm", lambda t: fmt(t.final_norm)),
+        ("median norm", lambda t: fmt(t.median_norm)),
+        ("final loss", lambda t: fmt(t.final_loss)),
+    )
+    for name, cell in rows:
+        table.add_row(name, *(cell(t) for t in totals))
+    return table
+
+
+def _names(logs: Sequence[RunLog]) -> list[str]:
+    """Each log's file name, or its path (and run) where names alone would be ambiguous."""
+    names = [log.path.name for log in logs]
+    if len(set(names)) < len(names):
+        names = [str(log.path) for log in logs]
+    if len(set(names)) < len(names):
+        names = [f"{name} run {log.run_index}" for name, log in zip(names, logs)]
+    return names
+
+
+def _read(path: str | os.PathLike[str], run: int) -> RunLog:
+    """:func:`read_run`, with an out-of-range ``run`` named as the ``--run`` option.
+
+    Raises:
+        RunLogError: The log cannot be read, or holds no run ``run``.
+    """
+    try:
+        return read_run(path, run=run)
+    except RunLogError:
+        if run == -1:
+            raise
+        count = read_run(path).run_count  # raises the log's own error if it is the trouble
+        if -count <= run < count:
+            raise
+        holds = (
+            "1 run (--run 0 or -1)"
+            if count == 1
+            else (f"{count} runs: use 0 to {count - 1}, or -1 to -{count} counting from the end")
+        )
+        raise RunLogError(f"--run {run}: {str(path)!r} holds {holds}") from None
 
 
 def _header_lines(log: RunLog) -> list[Text]:
@@ -243,6 +445,12 @@ def _header_lines(log: RunLog) -> list[Text]:
         )
     else:
         lines.append(Text("no step recorded (the run stopped before its first check)", "yellow"))
+    return lines + damage_lines(log)
+
+
+def damage_lines(log: RunLog) -> list[Text]:
+    """What the reader skipped or had to compute: a cut last line, bad lines, no summary."""
+    lines = []
     if log.truncated:
         lines.append(
             Text(
@@ -265,32 +473,6 @@ def _header_lines(log: RunLog) -> list[Text]:
             )
         )
     return lines
-
-
-def _write_html(log: RunLog, console: Console, path: str | os.PathLike[str]) -> None:
-    """A single self-contained page: the terminal output, and the figure if matplotlib works."""
-    body = console.export_html(inline_styles=True, code_format="<pre>{code}</pre>")
-    figure = ""
-    if len(log):
-        try:
-            from gradwatch.report.plots import plot_run
-
-            buffer = io.BytesIO()
-            plot_run(log, buffer, format="png")
-            data = base64.b64encode(buffer.getvalue()).decode("ascii")
-            figure = f'<img alt="gradient norms" src="data:image/png;base64,{data}">'
-        except MissingExtraError:
-            figure = '<p>Install matplotlib (pip install "gradwatch[plot]") for the figure.</p>'
-    title = html_lib.escape(f"gradwatch report: {log.path.name}")
-    page = (
-        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
-        f"<title>{title}</title>"
-        "<style>body{font-family:sans-serif;margin:1.5em} img{max-width:100%} "
-        "pre{font-size:13px;line-height:1.25}</style></head><body>"
-        f"<h1>{title}</h1>{figure}{body}</body></html>\n"
-    )
-    with open(path, "w", encoding="utf-8") as file:
-        file.write(page)
 
 
 def _fail(message: str) -> int:
