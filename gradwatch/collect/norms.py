@@ -24,8 +24,6 @@ sparse group for good and the step is regrouped. Dense models never pay for this
 
 from __future__ import annotations
 
-import functools
-import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,11 +31,12 @@ from itertools import repeat
 
 import torch
 from torch import Tensor
-from torch.utils._foreach_utils import _device_has_foreach_support
 
 from gradwatch.collect.distributed import is_dtensor
-from gradwatch.collect.meshes import MeshReduction, mesh_reduction
+from gradwatch.collect.kernels import foreach_norms, has_foreach, norm_dtype, sparse_values
+from gradwatch.collect.meshes import mesh_reduction
 from gradwatch.collect.pipeline import PipelineStages
+from gradwatch.collect.reduce import NormReduction
 from gradwatch.errors import ConfigError, ConfigTypeError
 
 __all__ = [
@@ -50,8 +49,6 @@ __all__ = [
     "resolve_grad_attr",
     "sparse_values",
 ]
-
-_HALF = (torch.float16, torch.bfloat16)
 
 GradAttr = str | Callable[[Tensor], Tensor | None]
 """Where a parameter's gradient is: an attribute (``"grad"``, ``"main_grad"``) or a callable."""
@@ -77,42 +74,6 @@ def resolve_grad_attr(name: str, value: object) -> GradAttr:
         f"{name} must be an attribute name such as 'main_grad' or a callable "
         f"param -> Tensor | None, got {type(value).__name__}"
     )
-
-
-def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of a gradient's norm: float32 for half types, else its own."""
-    return torch.float32 if dtype in _HALF else dtype
-
-
-@functools.cache
-def has_foreach(device: torch.device) -> bool:
-    """Whether foreach kernels run on ``device`` (cached: the answer never changes)."""
-    return _device_has_foreach_support(device)
-
-
-def foreach_norms(device: torch.device, grads: list[Tensor], norm_type: float) -> list[Tensor]:
-    """Norm of each dense tensor (0-d tensors), one fused kernel where the device supports it.
-
-    Sparse tensors are not accepted here: see :func:`sparse_values`.
-    """
-    dtype = _norm_dtype(grads[0].dtype)
-    if has_foreach(device):
-        if dtype is grads[0].dtype:
-            return list(torch._foreach_norm(grads, norm_type))
-        return list(torch._foreach_norm(grads, norm_type, dtype=dtype))
-    return [torch.linalg.vector_norm(g, norm_type, dtype=dtype) for g in grads]
-
-
-def sparse_values(grad: Tensor) -> Tensor:
-    """A dense tensor with the same norm (of any order) as ``grad``, dense or sparse COO.
-
-    For a sparse gradient: its coalesced values (duplicate indices summed, as in the dense
-    equivalent), or one zero when it stores nothing. A dense gradient is returned as it is.
-    """
-    if not grad.is_sparse:
-        return grad
-    values = grad.coalesce().values()
-    return values if values.numel() else values.new_zeros(1)
 
 
 @dataclass
@@ -148,7 +109,7 @@ class GradGroup:
         if self.sharded is None:
             return torch.stack(foreach_norms(self.device, self.grads, norm_type))
         partial = torch.stack(list(torch._foreach_norm(self.sharded, norm_type)))
-        return partial.full_tensor().to(_norm_dtype(partial.dtype))
+        return partial.full_tensor().to(norm_dtype(partial.dtype))
 
 
 @dataclass
@@ -214,12 +175,15 @@ class GradCollector:
         self.dtype = dtype
         self.norm_type = norm_type
         self._grad_attr = grad_attr
-        self._stages = PipelineStages(pipeline, device, dtype) if pipeline is not None else None  # type: ignore[arg-type]
+        stages = None if pipeline is None else PipelineStages(pipeline, device, dtype)  # type: ignore[arg-type]
         dtensors = [p for p in params if is_dtensor(p)]
-        self._mesh: MeshReduction | None = None
-        if dtensors:
-            self._mesh = mesh_reduction(dtensors, over_root=self._stages is None)
-        self._reduced = self._stages is not None or self._mesh is not None
+        mesh = mesh_reduction(dtensors, over_root=stages is None) if dtensors else None
+        self._stages, self._mesh = stages, mesh
+        # Norms that need a collective (sharded or pipeline-parallel): reduced all at once.
+        self._reduction = None
+        if stages is not None or dtensors:
+            self._reduction = NormReduction(device, dtype, mesh, stages)
+        self._reduced = self._reduction is not None
         self._flags: Tensor | None = None
         self._sparse: set[int] = set()  # positions whose gradients were seen sparse
         self._build_layout()
@@ -259,7 +223,7 @@ class GradCollector:
             and key[2] is None
             and not key[3]
             and key[0] == device
-            and _norm_dtype(key[1]) == dtype  # type: ignore[arg-type]
+            and norm_dtype(key[1]) == dtype  # type: ignore[arg-type]
         )
         order = [i for idx in layout.values() for i in idx]
         self._identity_order = order == list(range(len(params)))
@@ -269,7 +233,7 @@ class GradCollector:
         """The gradients present now, grouped; None if no parameter has a gradient."""
         params = self.params
         grads = self._grads(params)
-        reduce = self._full_norms if self._reduced else None
+        reduce = self._reduction
         if all(map(operator.is_not, grads, repeat(None))):
             if self._direct:
                 group = GradGroup(self.device, params, grads, None, [])
@@ -307,50 +271,6 @@ class GradCollector:
             return GradGroup(device, params, local_grads, grads, positions, counted=counted)
         return GradGroup(grads[0].device, params, grads, None, positions)
 
-    def _full_norms(
-        self, groups: list[GradGroup], norm_type: float, flags: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """(L2 norm of every full gradient in group order, global norm of order ``norm_type``).
-
-        Shard norms become full norms and stage norms the global norm in one collective for
-        the step (two when a pipeline stage is itself sharded: the mesh's, then the stages').
-        """
-        device, dtype = self.device, self.dtype
-        l2 = [_local_norms(g, 2.0, device, dtype) for g in groups]
-        lp = l2 if norm_type == 2.0 else [_local_norms(g, norm_type, device, dtype) for g in groups]
-        sharded = [i for i, g in enumerate(groups) if g.sharded is not None]
-        complete = [i for i, g in enumerate(groups) if g.sharded is None]
-        terms: list[Tensor] = []
-        if sharded and self._mesh is None:  # meshes one collective cannot cover: DTensor's way
-            for i in sharded:
-                l2[i] = groups[i].norms(2.0).to(device, dtype)
-                lp[i] = l2[i] if norm_type == 2.0 else groups[i].norms(norm_type).to(device, dtype)
-            complete = list(range(len(groups)))
-        elif sharded:
-            squares = torch.cat([l2[i].square() for i in sharded])
-            powers = None if norm_type == 2.0 else _powers([lp[i] for i in sharded], norm_type)
-            full, powers = self._mesh.reduce(squares, powers, norm_type)  # type: ignore[union-attr]
-            parts = full.sqrt().split([l2[i].numel() for i in sharded])
-            for i, part in zip(sharded, parts):
-                l2[i] = part
-            if powers is not None:
-                terms.append(powers.reshape(()))
-        norms = torch.cat(l2) if l2 else torch.zeros(0, device=device, dtype=dtype)
-        if norm_type == 2.0:
-            total = torch.linalg.vector_norm(norms, 2.0)
-        else:
-            if complete:
-                terms.append(_powers([lp[i] for i in complete], norm_type))
-            if not terms:
-                total = torch.zeros((), device=device, dtype=dtype)
-            elif norm_type == math.inf:
-                total = torch.stack(terms).amax()
-            else:
-                total = torch.stack(terms).sum().pow(1.0 / norm_type)
-        if self._stages is not None:
-            total = self._stages.combine(total, norm_type, flags)
-        return norms, total
-
     def _learn_sparse(self) -> bool:
         """Move the parameters whose gradient is sparse now into sparse groups.
 
@@ -383,7 +303,8 @@ class GradCollector:
                 torch.stack(foreach_norms(self.device, group.grads, 2.0), out=out)
                 return
             if self._reduced:
-                norms, batch.total = self._full_norms(batch.groups, self.norm_type, self._flags)
+                reduction = self._reduction
+                norms, batch.total = reduction(batch.groups, self.norm_type, self._flags)  # type: ignore[misc]
             else:
                 norms = torch.cat(
                     [
@@ -449,30 +370,6 @@ def _group_key(param: Tensor) -> tuple[object, ...]:
         mesh = param.device_mesh  # type: ignore[attr-defined]
         return (local.device, param.dtype, (id(mesh), tuple(param.placements)), False)  # type: ignore[attr-defined]
     return (param.device, param.dtype, None, False)
-
-
-def _local_norms(
-    group: GradGroup, norm_type: float, device: torch.device, dtype: torch.dtype
-) -> Tensor:
-    """1-D: the norm of each of ``group``'s local tensors (zeros for shards this rank does not
-    count), on ``device`` in ``dtype``."""
-    if not group.counted:
-        return torch.zeros(len(group.grads), device=device, dtype=dtype)
-    values = [sparse_values(g) for g in group.grads] if group.sparse else group.grads
-    if norm_type == math.inf and group.sharded is not None:
-        # An uneven split leaves some ranks empty shards, which have no largest element.
-        values = [v if v.numel() else v.new_zeros(1) for v in values]
-    norms = torch.stack(foreach_norms(group.device, values, norm_type))
-    return norms.to(device, dtype, non_blocking=True)
-
-
-def _powers(norms: list[Tensor], norm_type: float) -> Tensor:
-    """Sum of the p-th powers of the ``norms`` (their maximum for the inf-norm), as a 1-element
-    tensor: what the global norm of their tensors is made of."""
-    joined = torch.cat(norms)
-    if norm_type == math.inf:
-        return joined.amax().reshape(1) if joined.numel() else joined.new_zeros(1)
-    return joined.pow(norm_type).sum().reshape(1)
 
 
 def _split_sparse(
