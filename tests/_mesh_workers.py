@@ -215,8 +215,20 @@ def _tp(rank: int) -> dict[str, object]:
     result["placements"] = {n: str(p.placements) for n, p in model.named_parameters()}
     watch.close()
     from torch.distributed.tensor import _redistribute
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from gradwatch.collect.meshes import full_l2_norms
 
     _redistribute._warned_flatten_issues.clear()
+    seen = len(_HANDLER.messages)
+    with CommDebugMode() as comm:  # weight norms of the sharded model (sampled by forensics)
+        weights = full_l2_norms(list(model.parameters())).tolist()
+    result["weight_norm_err"] = max(
+        abs(w - q.detach().norm().item()) / q.detach().norm().item()
+        for w, q in zip(weights, _mlp().parameters())
+    )
+    result["weight_collectives"] = {str(op): n for op, n in comm.get_comm_counts().items()}
+    result["weight_warnings"] = _HANDLER.messages[seen:]
     seen = len(_HANDLER.messages)
     # DTensor's own way (torch's get_total_norm refuses the mix of a 2-D and a 1-D mesh).
     torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.device_mesh.ndim == 2])
@@ -331,6 +343,57 @@ def _pipeline(rank: int) -> dict[str, object]:
     return out
 
 
+def _pipeline_fsdp(rank: int) -> dict[str, object]:
+    """2 stages x 2 FSDP ranks: each stage's layers sharded over its ``dp`` slice."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
+    stage_index, dp = mesh["pp"].get_local_rank(), mesh["dp"].get_local_rank()
+    micro, max_norm = 2, 0.05
+
+    def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (output - target).pow(2).mean()
+
+    model = _Stack()
+    for name in [n for n in model.layers if int(n) // 2 != stage_index]:
+        del model.layers[name]
+    for layer in model.layers.values():
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    stage = PipelineStage(model, stage_index, 2, torch.device("cpu"), group=mesh["pp"].get_group())
+    schedule = ScheduleGPipe(stage, n_microbatches=micro, loss_fn=loss_fn)
+    watch = gw.GradWatch(model, clip=gw.ClipNorm(max_norm), sinks=[], pipeline_group=mesh["pp"])
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    out: dict[str, object] = {"names": list(watch.names)}
+    for step in range(2):
+        x, y = _batch(step, dp), _batch(step, 10 + dp, width=1)
+        model.zero_grad()
+        if stage_index == 0:
+            schedule.step(x)
+        else:
+            schedule.step(target=y)
+        with CommDebugMode() as comm:
+            report = watch.check()
+        out["collectives"] = {str(op): n for op, n in comm.get_comm_counts().items()}
+    reference = _Stack()
+    for d in range(2):  # mean over the dp replicas of the mean over micro-batches
+        x, y = _batch(1, d), _batch(1, 10 + d, width=1)
+        for xs, ys in zip(x.chunk(micro), y.chunk(micro)):
+            (loss_fn(reference(xs), ys) / (micro * 2)).backward()
+    grads = [p.grad for p in reference.parameters()]
+    out["global"] = report.global_norm
+    out["expected"] = torch.nn.utils.get_total_norm(grads).item()
+    expected = {n: p.grad.norm().item() for n, p in reference.named_parameters()}
+    out["param_err"] = _err(report.param_norms, {n: expected[n] for n in watch.names})
+    out["clip_coef"] = report.clip_coef
+    out["expected_coef"] = min(1.0, max_norm / (out["expected"] + 1e-6))
+    watch.close()
+    return out
+
+
 def _examples() -> None:
     for script in SCALE_OUT_EXAMPLES:
         spec = importlib.util.spec_from_file_location(Path(script).stem, EXAMPLES / script)
@@ -349,7 +412,13 @@ def main(out_dir: str) -> None:
     rank = dist.get_rank()
     logging.getLogger("torch.distributed.tensor._redistribute").addHandler(_HANDLER)
     result: dict[str, object] = {}
-    for name, scenario in (("hsdp", _hsdp), ("tp", _tp), ("pipeline", _pipeline)):
+    scenarios = (
+        ("hsdp", _hsdp),
+        ("tp", _tp),
+        ("pipeline", _pipeline),
+        ("pipeline_fsdp", _pipeline_fsdp),
+    )
+    for name, scenario in scenarios:
         result[name] = scenario(rank)
         dist.barrier()
     Path(out_dir, f"mesh{rank}.json").write_text(json.dumps(result))

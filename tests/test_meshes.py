@@ -98,6 +98,29 @@ def test_pipeline_step_cost(ranks) -> None:
         assert pipeline["decision_reads"] == 2
 
 
+def test_pipeline_of_sharded_stages(ranks) -> None:
+    # pp x dp: 2 stages, each FSDP-sharded over its dp slice; pipeline_group is mesh["pp"].
+    names = {tuple(r["pipeline_fsdp"]["names"]) for r in ranks}
+    assert names == {
+        ("layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"),
+        ("layers.2.weight", "layers.2.bias", "layers.3.weight", "layers.3.bias"),
+    }
+    for result in (r["pipeline_fsdp"] for r in ranks):
+        assert result["global"] == pytest.approx(result["expected"], rel=1e-5)
+        assert result["param_err"] < 1e-5
+        assert result["clip_coef"] == pytest.approx(result["expected_coef"], rel=1e-5)
+        # The stage's mesh, then the stages: two all-reduces.
+        assert result["collectives"] == {"c10d.allreduce_": 2}
+    assert len({r["pipeline_fsdp"]["global"] for r in ranks}) == 1
+
+
+def test_sampled_weight_norms_one_collective_no_warning(ranks) -> None:
+    for result in (r["tp"] for r in ranks):
+        assert result["weight_norm_err"] < 1e-5
+        assert result["weight_collectives"] == {"c10d.allreduce_": 1}
+        assert result["weight_warnings"] == []
+
+
 class _MainGradModel(torch.nn.Module):
     """Megatron-style: gradients accumulate into float32 ``main_grad`` buffers, not ``.grad``."""
 

@@ -100,13 +100,14 @@ def mesh_reduction(params: list[Tensor], *, over_root: bool = True) -> MeshReduc
     whose dimensions have no names, keep DTensor's own reduction (correct, one collective per
     mesh and placement).
     """
-    meshes = {id(p.device_mesh): p.device_mesh for p in params}  # type: ignore[attr-defined]
+    # Equal meshes are one mesh: slicing (mesh["dp"]) makes a new but equal object each time.
+    meshes = {p.device_mesh: p.device_mesh for p in params}  # type: ignore[attr-defined]
     if not over_root:
         if len(meshes) != 1:
             return None
         (mesh,) = meshes.values()
         return MeshReduction(_group(mesh), over_root=False)
-    roots = {id(mesh._get_root_mesh()): mesh._get_root_mesh() for mesh in meshes.values()}
+    roots = {mesh._get_root_mesh(): mesh._get_root_mesh() for mesh in meshes.values()}
     sliced = any(mesh._get_root_mesh() is not mesh for mesh in meshes.values())
     if len(roots) != 1 or (sliced and not _named(meshes.values())):
         return None
