@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 from gradwatch._version import __version__
 
 if TYPE_CHECKING:
-    from gradwatch.act.adaptive import ClipPercentile, ClipUnitwise, ClipZScore
+    from gradwatch.act.adaptive import ClipPercentile, ClipZScore
     from gradwatch.act.clip import ClipNorm, Clipper, ClipValue
+    from gradwatch.act.unitwise import ClipUnitwise
     from gradwatch.detect.health import HealthDetector
     from gradwatch.detect.spikes import SpikeDetector
     from gradwatch.errors import (
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
         RunSummary,
         StepReport,
     )
-    from gradwatch.report.base import Sink
+    from gradwatch.report.sink import Sink
     from gradwatch.report.console import ConsoleSink
     from gradwatch.report.jsonl import JsonlSink, RunLogExistsError
     from gradwatch.report.logging import LoggingSink
@@ -46,10 +47,14 @@ if TYPE_CHECKING:
     from gradwatch.report.runlog import RunLog, RunLogError, RunLogNotFoundError, read_run
     from gradwatch.report.tensorboard import TensorBoardSink
     from gradwatch.report.wandb_sink import WandbSink
+    from gradwatch.report.windowed import StepWindow, WindowedSink
+    from gradwatch.settings import WatchSettings
+    from gradwatch.step_result import StepResult
     from gradwatch.watch import GradWatch
 
 _EXPORTS: dict[str, tuple[str, ...]] = {
-    "gradwatch.act.adaptive": ("ClipPercentile", "ClipUnitwise", "ClipZScore"),
+    "gradwatch.act.adaptive": ("ClipPercentile", "ClipZScore"),
+    "gradwatch.act.unitwise": ("ClipUnitwise",),
     "gradwatch.act.clip": ("ClipNorm", "Clipper", "ClipValue"),
     "gradwatch.detect.health": ("HealthDetector",),
     "gradwatch.detect.spikes": ("SpikeDetector",),
@@ -71,7 +76,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "RunSummary",
         "StepReport",
     ),
-    "gradwatch.report.base": ("Sink",),
+    "gradwatch.report.sink": ("Sink",),
     "gradwatch.report.console": ("ConsoleSink",),
     "gradwatch.report.jsonl": ("JsonlSink", "RunLogExistsError"),
     "gradwatch.report.logging": ("LoggingSink",),
@@ -79,6 +84,9 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "gradwatch.report.runlog": ("RunLog", "RunLogError", "RunLogNotFoundError", "read_run"),
     "gradwatch.report.tensorboard": ("TensorBoardSink",),
     "gradwatch.report.wandb_sink": ("WandbSink",),
+    "gradwatch.report.windowed": ("StepWindow", "WindowedSink"),
+    "gradwatch.settings": ("WatchSettings",),
+    "gradwatch.step_result": ("StepResult",),
     "gradwatch.watch": ("GradWatch",),
 }
 """The module each public name lives in; :func:`__getattr__` imports it on first use."""
@@ -118,8 +126,12 @@ __all__ = [
     "SpikeDetector",
     "StateError",
     "StepReport",
+    "StepResult",
+    "StepWindow",
     "TensorBoardSink",
     "WandbSink",
+    "WatchSettings",
+    "WindowedSink",
     "__version__",
     "read_run",
 ]

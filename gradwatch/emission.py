@@ -39,6 +39,7 @@ from gradwatch.diagnosis.incident import start_depth
 from gradwatch.diagnosis.rules_layers import dead_findings, vanishing_finding
 from gradwatch.records import Event, ParamNorms, RunStart, StepReport
 from gradwatch.report.base import NEVER, SinkGroup, StepAggregator
+from gradwatch.step_result import StepResult
 
 __all__ = ["DRAIN_BATCH", "Emission", "Pending"]
 
@@ -65,7 +66,7 @@ LIVE_CAUSES = 16
 class Pending:
     """What the host must know to turn a device row into a report."""
 
-    report: StepReport
+    result: StepResult
     positions: list[int] | None
     arrivals: tuple[torch.Tensor, ...]
     has_loss: bool
@@ -162,7 +163,7 @@ class Emission:
     def add(self, number: int, pending: Pending) -> None:
         """Take row ``number`` (committed to the ring) and what is needed to report it."""
         self._pending[number] = pending
-        self._newest = pending.report.step
+        self._newest = pending.result.step
 
     def scan(self) -> None:
         """Judge the rows on the host; emit them if one is urgent, a sink wants them, or enough.
@@ -211,6 +212,14 @@ class Emission:
             self._judged = number + 1
         return urgent
 
+    def spike_threshold(self) -> float | None:
+        """The spike detector's threshold for the next step, once it has judged every earlier one.
+
+        Waits for the device: for a policy that must decide (or clip) at the current step.
+        """
+        self.judge(wait=True)
+        return self.spike_detector.threshold
+
     def drain(self, *, wait: bool, upto: int | None = None) -> None:
         """Turn device rows into reports, in order, and send them to the sinks.
 
@@ -228,10 +237,9 @@ class Emission:
             ring.read += 1
             pending = self._pending.pop(number)
             self._emit(pending, ring.host_row(number))
-        self._due = self.sinks.next_due(pending.report.step)
+        self._due = self.sinks.next_due(pending.result.step)
 
     def _emit(self, pending: Pending, row: Any) -> None:
-        report = pending.report
         norms = row[NORMS:]
         global_norm = float(row[GLOBAL])
         positions = pending.positions
@@ -260,7 +268,8 @@ class Emission:
         loss = float(row[LOSS]) if pending.has_loss else None
         loss_spike = pending.loss_spike
         coef = float(row[COEF])
-        report._fill(
+        report = StepReport(
+            step=pending.result.step,
             global_norm=global_norm,
             clipped_norm=global_norm * coef,
             clip_coef=coef,
@@ -279,6 +288,7 @@ class Emission:
             micro_batch_norms=tuple(float(m) for m in pending.micro),
             nonfinite_ranks=_flagged(pending.blame) if nonfinite else (),
         )
+        pending.result.resolve(report)
         self.history.append(report)
         self.aggregator.update(report)
         self.sinks.write(report)

@@ -9,7 +9,7 @@ any of them is read (or when the watcher emits it), so returning it costs no hos
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
@@ -185,23 +185,6 @@ class StepReport:
     micro_batch_norms: tuple[float, ...] = ()
     nonfinite_ranks: tuple[int, ...] = ()
 
-    # --- lazy materialisation -------------------------------------------------------------
-    # A report made on the hot path holds a resolver instead of values. Reading any unset field
-    # calls it once; the resolver fills every field at once (one batched device->host copy).
-
-    @classmethod
-    def _deferred(cls, step: int, resolve: Callable[[], None]) -> StepReport:
-        report = object.__new__(cls)  # no field is set: reading one lands in __getattr__
-        state = report.__dict__
-        state["step"] = step
-        state["_resolve"] = resolve
-        return report
-
-    def _fill(self, **values: Any) -> None:
-        state = self.__dict__
-        state.update(values)
-        state.pop("_resolve", None)
-
     def __post_init__(self) -> None:
         # A report built by hand with fields left out: those fields read as "never computed".
         state = self.__dict__
@@ -209,17 +192,8 @@ class StepReport:
             del state[name]
 
     def __getattr__(self, name: str) -> Any:
-        # Only reached for a field not set yet (the class holds no field defaults).
-        resolve = self.__dict__.get("_resolve")
-        if resolve is None or name not in _LAZY_FIELDS:
-            raise AttributeError(f"StepReport.{name} was never computed")
-        resolve()
-        return self.__dict__[name]
-
-    @property
-    def is_resolved(self) -> bool:
-        """True once the numbers have been copied to the host."""
-        return "_resolve" not in self.__dict__
+        # Only reached for a field left out (the class holds no field defaults).
+        raise AttributeError(f"StepReport.{name} was never computed")
 
     @property
     def clipped(self) -> bool:

@@ -1,21 +1,17 @@
 """GradWatch: the one object a training loop talks to.
 
-It wires the parts together and nothing else: the collector reads gradients into a row of the
-device stats ring; clippers act on the device; rows are brought to the host later (at once on CPU,
-about a step later on accelerators) and only then run through the detectors and out to the sinks
-(:mod:`gradwatch.emission`). The step path therefore never waits for the device, except where a
-policy must decide now (``on_nonfinite`` or ``on_spike`` set to ``"skip"``/``"raise"``,
-``on_spike="clip"``).
+It composes the parts and nothing else: :class:`~gradwatch.WatchSettings` (checked arguments),
+the step path (:mod:`gradwatch.step_path`: norms, policy, clipping on the device) and the emission
+(:mod:`gradwatch.emission`), which brings rows to the host later (at once on CPU, about a step
+later on accelerators) and only then runs them through the detectors and out to the sinks. The
+step path never waits for the device, except where a policy must decide now (``on_nonfinite`` or
+``on_spike`` set to ``"skip"``/``"raise"``, ``on_spike="clip"``).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import math
-import operator
-import time
-import warnings
 import weakref
 from collections import deque
 from collections.abc import Iterator
@@ -25,54 +21,21 @@ from typing import Any
 
 import torch
 
-from gradwatch._version import __version__
-from gradwatch.act.clip import EPS, Clipper, scale_
-from gradwatch.act.skip import BufferSnapshot, SkipHold, StepGuard, optimizer_params
-from gradwatch.alerts import policy_error
-from gradwatch.collect.distributed import (
-    RankBlame,
-    any_rank,
-    is_distributed,
-    rank,
-    unwrap_model,
-)
-from gradwatch.collect.forensics import ActivationProbe, StepProbe
-from gradwatch.collect.hooks import ArrivalOrder, MicroBatchNorms
-from gradwatch.collect.norms import GradAttr, GradCollector, resolve_grad_attr
-from gradwatch.collect.params import ParamChanges, WatchedParams, resolve_params
-from gradwatch.collect.pipeline import resolve_pipeline_group
-from gradwatch.collect.ring import Slot, StatsRing
-from gradwatch.config import (
-    NONFINITE_POLICIES,
-    SPIKE_POLICIES,
-    NonFinitePolicy,
-    SpikePolicy,
-    check_bool,
-    check_choice,
-    check_instance,
-    check_int,
-    check_rank,
-    check_sinks,
-    resolve_norm_type,
-)
+from gradwatch.act.clip import Clipper
+from gradwatch.collect.distributed import is_distributed, rank, unwrap_model
+from gradwatch.collect.norms import GradAttr
+from gradwatch.collect.params import resolve_params
+from gradwatch.config import NonFinitePolicy, SpikePolicy, check_instance, check_sinks
 from gradwatch.detect.health import HealthDetector
 from gradwatch.detect.spikes import ParamBaseline, SpikeDetector
 from gradwatch.diagnosis import diagnose
-from gradwatch.emission import Emission, Pending
-from gradwatch.errors import (
-    ConfigError,
-    ConfigTypeError,
-    GradWatchWarning,
-    StateError,
-)
-from gradwatch.records import (
-    Finding,
-    ParamInfo,
-    RunStart,
-    RunSummary,
-    StepReport,
-)
-from gradwatch.report.base import Sink, SinkGroup, StepAggregator, _outside_gradwatch
+from gradwatch.emission import Emission
+from gradwatch.errors import StateError
+from gradwatch.records import Finding, RunSummary, StepReport
+from gradwatch.report.base import Sink, SinkGroup, StepAggregator
+from gradwatch.settings import WatchSettings, check_state
+from gradwatch.step_path import StepPath, detached_loss
+from gradwatch.step_result import StepResult
 
 __all__ = ["BackwardScope", "GradWatch"]
 
@@ -80,7 +43,7 @@ __all__ = ["BackwardScope", "GradWatch"]
 class BackwardScope:
     """Handle yielded by :meth:`GradWatch.backward`; ``report`` is set when a check ran on exit."""
 
-    report: StepReport | None = None
+    report: StepResult | None = None
 
 
 class GradWatch:
@@ -140,6 +103,11 @@ class GradWatch:
         grad_attr: Where the gradients are: ``"grad"``, another attribute of the parameters
             (Megatron-style ``"main_grad"``) or a callable ``param -> Tensor | None``.
 
+    Attributes:
+        settings: The validated settings (:class:`~gradwatch.WatchSettings`), fixed for the run.
+        names: Names of the watched parameters, in ``named_parameters()`` order.
+        spike_detector, loss_detector, health_detector: The detectors this watcher feeds.
+
     Raises:
         TypeError, ValueError: An argument is invalid (the message names it).
     """
@@ -166,50 +134,24 @@ class GradWatch:
         pipeline_group: Any = None,
         grad_attr: GradAttr = "grad",
     ) -> None:
-        if isinstance(clip, type):
-            raise ConfigTypeError(
-                f"clip must be a clipper instance such as {clip.__name__}(...), "
-                f"got the class {clip.__name__}"
-            )
-        if clip is not None and not isinstance(clip, Clipper):
-            raise ConfigTypeError(
-                "clip must be a gradwatch clipper such as ClipNorm(1.0) or ClipValue(0.5), "
-                f"or None; got {type(clip).__name__}"
-            )
-        self._on_nonfinite = check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
-        self._on_spike = check_choice("on_spike", on_spike, SPIKE_POLICIES)
-        self._norm_type = resolve_norm_type(norm_type, clip.norm_type if clip is not None else None)
+        settings = WatchSettings(
+            clip, on_nonfinite, on_spike, norm_type, accumulation_steps, history, layer_depth,
+            log_rank, rank_blame, track_micro_batches, forensics, pipeline_group, grad_attr,
+        )  # fmt: skip
         check_instance("spike_detector", spike_detector, SpikeDetector)
         check_instance("loss_detector", loss_detector, SpikeDetector)
         check_instance("health_detector", health_detector, HealthDetector)
-        check_bool("forensics", forensics)
-        self.accumulation_steps = check_int("accumulation_steps", accumulation_steps)
-        history = check_int("history", history)
-        if layer_depth is not None:
-            check_int("layer_depth", layer_depth)
         if sinks is None:
             from gradwatch.report.console import ConsoleSink
 
             sinks = [ConsoleSink()]
         check_sinks("sinks", sinks)
-
-        module = unwrap_model(model)
-        watched = resolve_params(module)
-        self._module = module if isinstance(module, torch.nn.Module) else None
-        if forensics and self._module is None:
-            raise ConfigTypeError(
-                "forensics=True needs the model as an nn.Module to hook its modules, "
-                "got named parameters"
-            )
+        watched = resolve_params(unwrap_model(model))
+        self.settings = settings
         self.names = watched.names
-        self._clipper = clip
-        self._spike_detector = spike_detector or SpikeDetector()
-        self._loss_detector = loss_detector or SpikeDetector()
-        check_rank("log_rank", log_rank)
-        self._pipeline = resolve_pipeline_group("pipeline_group", pipeline_group)
-        self._grad_attr = resolve_grad_attr("grad_attr", grad_attr)
-        check_bool("rank_blame", rank_blame)
-        check_bool("track_micro_batches", track_micro_batches)
+        self.spike_detector = spike_detector or SpikeDetector()
+        self.loss_detector = loss_detector or SpikeDetector()
+        self.health_detector = health_detector or HealthDetector()
         if log_rank is not None and is_distributed() and rank() != log_rank:
             sinks = []  # statistics are still computed here; only log_rank reports them
         self._sinks = SinkGroup(sinks)
@@ -217,18 +159,6 @@ class GradWatch:
         self._sink_finalizer = weakref.finalize(self, SinkGroup.close, self._sinks)
         self._exit_hook = _close_at_exit(weakref.ref(self))
         atexit.register(self._exit_hook)
-        self._blame: RankBlame | None = None
-        if rank_blame:
-            if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-                raise ConfigError(
-                    "rank_blame=True needs the DistributedDataParallel-wrapped model, "
-                    f"got {type(model).__name__}"
-                )
-            self._blame = RankBlame(watched.params[0].device)
-            self._blame.install(model)
-        self._forensics = forensics
-        self._track_micro = track_micro_batches
-        self._health_detector = health_detector or HealthDetector()
         self._emission = Emission(
             self.names,
             dict(zip(watched.names, watched.owner_types)),
@@ -238,69 +168,21 @@ class GradWatch:
             health_detector=self.health_detector,
             baseline=ParamBaseline(len(watched), alpha=self.spike_detector.alpha),
             aggregator=StepAggregator(self.names, depth=layer_depth),
-            history=history,
-            on_nonfinite=self.on_nonfinite,
-            norm_type=self.norm_type,
-            clip=self.clipper.config() if self.clipper is not None else None,
+            history=settings.history,
+            on_nonfinite=settings.on_nonfinite,
+            norm_type=settings.norm_type,
+            clip=clip.config() if clip is not None else None,
         )
-        self._skips = "skip" in (self.on_nonfinite, self.on_spike)
-        self._bind(watched)
-        self._changes = ParamChanges(self._module, watched)
-        self._step = 0
-        self._micro_losses: list[Any] = []
-        self._micro_batches = 0
-        self._guard: StepGuard | None = None
-        self._snapshot = None
-        if self._skips and self._module is not None:
-            self._snapshot = BufferSnapshot(self._module)
-        self._writes_coef = clip is not None or self.on_spike == "clip"
-        self._last_skip = False
+        self._path = StepPath(settings, model, watched, self._emission, self.health_detector)
         self._closed = False
-        self._emission.start(self._run_start(layer_depth))
+        self._emission.start(settings.run_start(watched, self.spike_detector))
 
     # ----------------------------------------------------------------------------- public API
-
-    # Settings are fixed at construction: the watcher's parts were built from them.
-
-    @property
-    def on_nonfinite(self) -> NonFinitePolicy:
-        """The NaN/Inf policy. Read-only."""
-        return self._on_nonfinite
-
-    @property
-    def on_spike(self) -> SpikePolicy:
-        """The gradient-norm spike policy. Read-only."""
-        return self._on_spike
-
-    @property
-    def norm_type(self) -> float:
-        """Order of the global norm. Read-only."""
-        return self._norm_type
-
-    @property
-    def clipper(self) -> Clipper | None:
-        """The clipper applied at every check, or None. Read-only."""
-        return self._clipper
-
-    @property
-    def spike_detector(self) -> SpikeDetector:
-        """The gradient-norm spike detector. Read-only."""
-        return self._spike_detector
-
-    @property
-    def loss_detector(self) -> SpikeDetector:
-        """The loss spike detector. Read-only."""
-        return self._loss_detector
-
-    @property
-    def health_detector(self) -> HealthDetector:
-        """The per-layer gradient health detector. Read-only."""
-        return self._health_detector
 
     @property
     def step(self) -> int:
         """Number of steps checked so far (the next report's ``step``)."""
-        return self._step
+        return self._path.step
 
     @property
     def closed(self) -> bool:
@@ -335,35 +217,14 @@ class GradWatch:
             StateError: Already attached, or closed.
         """
         self._ensure_open("attach")
-        if self._guard is not None:
-            raise StateError(
-                f"attach() was already called with {type(self._guard.optimizer).__name__}; "
-                "a watcher guards one optimizer (call detach() first to switch)"
-            )
-        if not callable(getattr(optimizer, "step", None)):
-            raise ConfigTypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
-        params = optimizer_params(optimizer)
-        if params is not None and not any(id(p) in self._watched.position for p in params):
-            raise ConfigError(
-                f"optimizer ({type(optimizer).__name__}) updates none of the "
-                f"{len(self.names)} parameters this GradWatch watches: its {len(params)} "
-                "parameters belong to another model (a copy made with copy.deepcopy, an EMA "
-                "model?); attach the optimizer built over the watched model's parameters"
-            )
-        if scaler is not None and not callable(getattr(scaler, "step", None)):
-            raise ConfigTypeError(
-                f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}"
-            )
-        self._guard = StepGuard(optimizer, self._before_step, scaler, self._after_scaler_skip)
+        self._path.attach(optimizer, scaler)
         return self
 
     def detach(self) -> None:
         """Stop guarding the attached optimizer (no-op if none)."""
-        if self._guard is not None:
-            self._guard.remove()
-            self._guard = None
+        if self._path.guard is not None:
+            self._path.guard.remove()
+            self._path.guard = None
 
     @contextmanager
     def backward(self, loss: Any = None) -> Iterator[BackwardScope]:
@@ -380,22 +241,26 @@ class GradWatch:
             ValueError: ``loss`` has more than one element (reduce it first).
         """
         self._ensure_open("backward")
-        detached = _detached(loss) if loss is not None else None  # validate before backward runs
-        if self._micro_batches == 0:
-            self._arrivals.clear()
-        if self._micro is not None:
-            self._micro.begin()
+        detached = (
+            detached_loss(loss) if loss is not None else None
+        )  # validate before backward runs
+        path = self._path
+        if path.micro_batches == 0:
+            path.bound.arrivals.clear()
+        micro = path.bound.micro
+        if micro is not None:
+            micro.begin()
         scope = BackwardScope()
         yield scope
-        if self._micro is not None:
-            self._micro.end()
+        if micro is not None:
+            micro.end()
         if detached is not None:
-            self._micro_losses.append(detached)
-        self._micro_batches += 1
-        if self._guard is None and self._micro_batches >= self.accumulation_steps:
-            scope.report = self._check(skip_reason=None, from_optimizer=False)
+            path.micro_losses.append(detached)
+        path.micro_batches += 1
+        if path.guard is None and path.micro_batches >= self.settings.accumulation_steps:
+            scope.report = path.check(skip_reason=None, from_optimizer=False)
 
-    def check(self, loss: Any = None) -> StepReport:
+    def check(self, loss: Any = None) -> StepResult:
         """Check the gradients present now: norms, NaN/Inf, spikes; clip; apply policies.
 
         Works whether or not a backward pass was seen by the hooks. Without an attached optimizer
@@ -408,7 +273,8 @@ class GradWatch:
             loss: This step's loss (a one-element tensor or a float), or None.
 
         Returns:
-            The step's report. Its numbers are copied to the host on first access.
+            The step's report, as a :class:`~gradwatch.StepResult`: it reads as the
+            :class:`~gradwatch.StepReport`, whose numbers are copied to the host on first access.
 
         Raises:
             NonFiniteGradientError: ``on_nonfinite="raise"`` and a gradient holds NaN/Inf.
@@ -417,8 +283,8 @@ class GradWatch:
         """
         self._ensure_open("check")
         if loss is not None:
-            self._micro_losses.append(_detached(loss))
-        return self._check(skip_reason=None, from_optimizer=False)
+            self._path.micro_losses.append(detached_loss(loss))
+        return self._path.check(skip_reason=None, from_optimizer=False)
 
     def flush(self) -> None:
         """Bring every pending step to the host and out to the sinks (waits for the device)."""
@@ -445,8 +311,8 @@ class GradWatch:
         if self._closed:
             return list(self._final.findings)
         self.flush()
-        clip = self.clipper.config() if self.clipper is not None else None
-        return diagnose(self.health_detector.report(), clip=clip)
+        clip = self.settings.clip
+        return diagnose(self.health_detector.report(), clip=clip.config() if clip else None)
 
     def close(self) -> RunSummary:
         """Remove every hook, restore the optimizer, emit the final summary, close the sinks.
@@ -460,10 +326,7 @@ class GradWatch:
         self._final = replace(self._emission.aggregator.summary(), findings=findings)
         self._closed = True
         self.detach()
-        self._unbind()
-        self._changes.remove()
-        if self._snapshot is not None:
-            self._snapshot.remove()
+        self._path.remove()
         self._sink_finalizer.detach()
         atexit.unregister(self._exit_hook)
         self._sinks.write(self._final)
@@ -480,12 +343,12 @@ class GradWatch:
         """Detector, baseline and clipper state, to resume a run exactly (drains first)."""
         self.flush()
         return {
-            "step": self._step,
+            "step": self._path.step,
             "names": list(self.names),
             "spike_detector": self.spike_detector.state_dict(),
             "loss_detector": self.loss_detector.state_dict(),
             "baseline": self._emission.baseline.state_dict(),
-            "clip": self.clipper.state_dict() if self.clipper is not None else {},
+            "clip": self.settings.clip.state_dict() if self.settings.clip is not None else {},
             "health": self.health_detector.state_dict(),
         }
 
@@ -495,306 +358,30 @@ class GradWatch:
         Raises:
             ValueError: The state was saved from a watcher over different parameters.
         """
-        if not isinstance(state, dict):
-            raise ConfigTypeError(
-                "state must be a dict returned by GradWatch.state_dict(), "
-                f"got {type(state).__name__}"
-            )
-        required = ("names", "step", "spike_detector", "loss_detector", "baseline", "clip")
-        missing = [key for key in required if key not in state]
-        if missing:
-            raise ConfigError(
-                f"state is missing {', '.join(repr(k) for k in missing)}: pass what "
-                "GradWatch.state_dict() returned"
-            )
-        if list(state.get("names", [])) != list(self.names):
-            raise ConfigError(
-                "state was saved from a watcher over different parameters "
-                f"({len(state.get('names', []))} names vs {len(self.names)} here)"
-            )
+        check_state(state, self.names)
         self.flush()
-        self._step = int(state["step"])
+        self._path.step = int(state["step"])
         self.spike_detector.load_state_dict(state["spike_detector"])
         self.loss_detector.load_state_dict(state["loss_detector"])
         self._emission.baseline.load_state_dict(state["baseline"])
-        if self.clipper is not None:
-            self.clipper.load_state_dict(state["clip"])
+        if self.settings.clip is not None:
+            self.settings.clip.load_state_dict(state["clip"])
         if "health" in state:
             self.health_detector.load_state_dict(state["health"])
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"step={self._step}"
+        state = "closed" if self._closed else f"step={self._path.step}"
         return (
-            f"GradWatch({len(self.names)} params, clip={self.clipper!r}, "
-            f"on_nonfinite={self.on_nonfinite!r}, on_spike={self.on_spike!r}, {state})"
+            f"GradWatch({len(self.names)} params, clip={self.settings.clip!r}, "
+            f"on_nonfinite={self.settings.on_nonfinite!r}, "
+            f"on_spike={self.settings.on_spike!r}, {state})"
         )
-
-    # ------------------------------------------------------------------------------ hot path
-
-    def _bind(self, watched: WatchedParams) -> None:
-        """Build everything that holds the watched tensors, their device or their dtype."""
-        first = watched.params[0]
-        dtype = GradCollector.statistics_dtype(watched.params)
-        self._watched = watched
-        if self.clipper is not None:
-            self.clipper.bind(zip(watched.names, watched.params))
-        self._collector = GradCollector(
-            watched.params,
-            first.device,
-            dtype,
-            norm_type=self.norm_type,
-            grad_attr=self._grad_attr,
-            pipeline=self._pipeline,
-        )
-        self._ring = StatsRing(len(watched), capacity=64, device=first.device, dtype=dtype)
-        self._arrivals = ArrivalOrder(watched.params, watched.position)
-        self._emission.bind(self._ring, self._arrivals.positions)
-        self._finalizer = weakref.finalize(self, ArrivalOrder.remove, self._arrivals)
-        self._hold = None
-        if self._skips:
-            arrivals = self._arrivals
-            self._hold = SkipHold(watched.params, lambda: bool(arrivals.snapshot()))
-        self._micro = MicroBatchNorms(watched.params) if self._track_micro else None
-        if self._micro is not None:
-            weakref.finalize(self, MicroBatchNorms.remove, self._micro)
-        activations = None
-        if self._forensics:
-            activations = ActivationProbe(self._module, watched, first.device, dtype)
-        self._probe = StepProbe(watched, first.device, dtype, activations)
-        self._probe_finalizer = weakref.finalize(self, StepProbe.remove, self._probe)
-        self.health_detector.bind(watched, self._probe, self._arrivals.positions)
-
-    def _unbind(self) -> None:
-        """Remove the hooks :meth:`_bind` installed."""
-        self._arrivals.remove()
-        self._finalizer.detach()
-        self._probe.remove()
-        self._probe_finalizer.detach()
-        if self._hold is not None:
-            self._hold.remove()
-        if self._micro is not None:
-            self._micro.remove()
-
-    def _refresh(self) -> None:
-        """Follow the model after its parameters changed (see :class:`ParamChanges`).
-
-        The same parameters, replaced (``load_state_dict(assign=True)``) or moved to another
-        dtype or device, are watched again under the same names, bit-exactly in the new dtype.
-        A changed set of names (a module added, a parameter unfrozen) cannot be merged into the
-        run's history: the watcher warns once, naming them, and goes on with the original set.
-        """
-        if self._snapshot is not None:
-            self._snapshot.mark_dirty()  # a module added may bring buffers
-        current = self._changes.resolve()
-        if current.names == self.names:
-            same = all(map(operator.is_, current.params, self._watched.params))
-            moved = [(p.dtype, p.device) for p in current.params] != self._changes.layout
-            if moved or not same:
-                self._emission.drain(wait=True)  # every pending row belongs to the old layout
-                self._unbind()
-                self._bind(current)
-            self._changes.track(current)
-            return
-        watched, now = set(self.names), set(current.names)
-        added = [n for n in current.names if n not in watched]
-        gone = [n for n in self.names if n not in now]
-        parts = []
-        if added:
-            parts.append(f"trainable but not watched: {_listed(added)}")
-        if gone:
-            parts.append(f"watched but no longer trainable in the model: {_listed(gone)}")
-        warnings.warn(
-            "gradwatch: the model's trainable parameters changed after the GradWatch was "
-            f"created ({'; '.join(parts)}). Norms, NaN/Inf checks and clipping keep covering "
-            f"the original {len(self.names)} parameters only; create the GradWatch after the "
-            "model is final, or close this one and create a new one",
-            GradWatchWarning,
-            stacklevel=3,
-        )
-        self._changes.accept()
-
-    def _before_step(self) -> bool:
-        self._check(skip_reason=None, from_optimizer=True)
-        return not self._last_skip
-
-    def _after_scaler_skip(self) -> None:
-        self._check(skip_reason="GradScaler found inf/NaN", from_optimizer=True)
-
-    def _check(self, *, skip_reason: str | None, from_optimizer: bool) -> StepReport:
-        self._ensure_open("check")
-        if self._changes.changed():
-            self._refresh()
-        if self._hold is not None:
-            self._hold.clear()
-        ring = self._ring
-        if ring.written - ring.read >= ring.capacity:
-            self._emission.drain(wait=True, upto=ring.read)
-        number, slot = ring.claim()
-        blame = self._blame.take() if self._blame is not None else None
-        if blame is None:  # pipeline parallel: flags of the stages' ranks, filled below
-            blame = self._collector.next_stage_flags()
-        with torch.no_grad():
-            batch = self._collector.gather()
-            if batch is None:
-                slot.row.zero_()
-                slot.coef.fill_(1.0)
-            else:
-                self._collector.param_norms_(batch, slot.norms)
-                self._collector.global_norm_(batch, slot.norms, self.norm_type, slot.global_norm)
-            has_loss = self._write_loss(slot.loss)
-            has_scale = self._write_scale(slot.scale)
-
-            action = None
-            if skip_reason is None:
-                skip_reason, action = self._decide(slot)
-            self._last_skip = skip_reason is not None
-            if batch is not None and not self._last_skip:
-                self._clip(batch, slot)
-            elif self._writes_coef:
-                slot.coef.fill_(1.0)
-            if action == "skipped" and not from_optimizer and batch is not None:
-                self._hold.skip()  # type: ignore[union-attr]
-            if self._snapshot is not None:
-                if self._last_skip:
-                    self._restore_buffers()
-                else:
-                    self._snapshot.take()
-        ring.commit(number)
-
-        # Resolved through self: a report not yet filled keeps its watcher (hooks, sinks) alive.
-        report = StepReport._deferred(
-            self._step, lambda: self._emission.drain(wait=True, upto=number)
-        )
-        emission = self._emission
-        emission.add(
-            number,
-            Pending(
-                report,
-                [] if batch is None else batch.positions,
-                self._arrivals.snapshot(),
-                has_loss,
-                has_scale,
-                skip_reason,
-                action or ("skipped" if skip_reason else None),
-                self._micro.take() if self._micro is not None else [],
-                blame,
-                self._probe.capture(self._guard),
-            ),
-        )
-        self._step += 1
-        self._micro_batches = 0
-        self._arrivals.clear()
-        if action == "raise":
-            emission.drain(wait=True, upto=number)
-            raise policy_error(report)
-        emission.scan()
-        return report
-
-    def _write_loss(self, out: torch.Tensor) -> bool:
-        losses = self._micro_losses
-        if not losses:
-            return False
-        if len(losses) == 1:
-            loss = losses[0]
-        else:
-            loss = torch.stack(
-                [torch.as_tensor(v, dtype=out.dtype, device=out.device) for v in losses]
-            ).mean()
-        if isinstance(loss, torch.Tensor):
-            out.copy_(loss.reshape(()))
-        else:
-            out.fill_(float(loss))
-        self._micro_losses = []
-        return True
-
-    def _write_scale(self, out: torch.Tensor) -> bool:
-        scaler = self._guard.scaler if self._guard is not None else None
-        scale = getattr(scaler, "_scale", None)
-        if scale is None:
-            return False
-        out.copy_(scale.reshape(()))
-        return True
-
-    def _restore_buffers(self) -> None:
-        failed = self._snapshot.restore()  # type: ignore[union-attr]
-        if failed:
-            warnings.warn(
-                f"gradwatch: step {self._step} was skipped, but {len(failed)} buffer(s) of the "
-                "model could not be put back and keep what this step's forward pass wrote: "
-                f"{_listed(failed)}",
-                GradWatchWarning,
-                stacklevel=_outside_gradwatch(),
-            )
-
-    def _decide(self, slot: Slot) -> tuple[str | None, str | None]:
-        """Skip/raise decisions that must be made now. The only place the host waits.
-
-        In a distributed run the decision is all-reduced, so every rank skips (or raises) together.
-        """
-        needs_spike = self.on_spike in ("skip", "raise")
-        if self.on_nonfinite == "warn" and not needs_spike:
-            return None, None
-        reason, action = self._local_decision(slot, needs_spike)
-        if is_distributed() and any_rank(reason is not None, slot.row.device) and reason is None:
-            raising = "raise" in (self.on_nonfinite, self.on_spike)
-            reason, action = "decided on another rank", "raise" if raising else "skipped"
-        return reason, action
-
-    def _local_decision(self, slot: Slot, needs_spike: bool) -> tuple[str | None, str | None]:
-        global_norm = float(slot.global_norm)  # sync: a policy must decide now
-        if not math.isfinite(global_norm) and self.on_nonfinite != "warn":
-            if self.on_nonfinite == "raise":
-                return "non-finite gradient", "raise"
-            return "non-finite gradient", "skipped"
-        if needs_spike:
-            self._emission.judge(wait=True)  # detector state must include every earlier step
-            threshold = self.spike_detector.threshold
-            if threshold is not None and global_norm > threshold:
-                if self.on_spike == "raise":
-                    return "gradient norm spike", "raise"
-                return "gradient norm spike", "skipped"
-        return None, None
-
-    def _clip(self, batch: Any, slot: Slot) -> None:
-        if self.clipper is not None:
-            self.clipper.clip_(batch, slot.global_norm, slot.norms, slot.coef)
-        if self.on_spike == "clip":
-            self._emission.judge(wait=True)  # the threshold depends on every earlier step
-            threshold = self.spike_detector.threshold
-            if self.clipper is None:
-                slot.coef.fill_(1.0)
-            if threshold is None:
-                return
-            current = slot.global_norm * slot.coef
-            coef = (current + EPS).reciprocal_().mul_(threshold).clamp_(max=1.0)
-            scale_(batch, coef)
-            slot.coef.mul_(coef)
 
     # ------------------------------------------------------------------------------- helpers
 
     def _ensure_open(self, what: str) -> None:
         if self._closed:
             raise StateError(f"{what}() called after close(); create a new GradWatch")
-
-    def _run_start(self, layer_depth: int | None) -> RunStart:
-        params = tuple(
-            ParamInfo(n, tuple(p.shape), str(p.dtype).replace("torch.", ""))
-            for n, p in zip(self.names, self._watched.params)
-        )
-        config = {
-            "clip": self.clipper.config() if self.clipper is not None else None,
-            "on_nonfinite": self.on_nonfinite,
-            "on_spike": self.on_spike,
-            "norm_type": self.norm_type,
-            "accumulation_steps": self.accumulation_steps,
-            "layer_depth": layer_depth,
-            "spike_detector": {
-                "alpha": self.spike_detector.alpha,
-                "z_threshold": self.spike_detector.z_threshold,
-                "warmup": self.spike_detector.warmup,
-            },
-        }
-        return RunStart(__version__, torch.__version__, params, config, time.time())
 
 
 def _close_at_exit(ref: weakref.ReferenceType[GradWatch]) -> Any:
@@ -807,21 +394,3 @@ def _close_at_exit(ref: weakref.ReferenceType[GradWatch]) -> Any:
                 watch.close()
 
     return hook
-
-
-def _detached(loss: Any) -> Any:
-    if isinstance(loss, torch.Tensor):
-        if loss.numel() != 1:
-            raise ConfigError(
-                f"loss must be a scalar (one element), got a tensor of shape {tuple(loss.shape)}: "
-                "reduce it first (e.g. loss.mean()) and pass what you backpropagate"
-            )
-        return loss.detach()
-    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-        return float(loss)
-    raise ConfigTypeError(f"loss must be a tensor or a number, got {type(loss).__name__}")
-
-
-def _listed(names: list[str], most: int = 5) -> str:
-    more = f" (+{len(names) - most} more)" if len(names) > most else ""
-    return ", ".join(names[:most]) + more

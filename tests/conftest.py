@@ -93,7 +93,7 @@ def defer_host_copies(watch) -> None:
     Rows go through a separate host buffer (as pinned memory does) and become readable only when
     the watcher waits for them, so reports stay unresolved until something reads them.
     """
-    ring = watch._ring
+    ring = watch._path.bound.ring
     ring._shared = False
     ring._host_tensor = torch.zeros(ring.rows.shape, dtype=ring.rows.dtype)
     ring.host = ring._host_tensor.numpy()

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch.act.adaptive import ClipPercentile, ClipUnitwise, ClipZScore
+from gradwatch.act.adaptive import ClipPercentile, ClipZScore
 from gradwatch.act.clip import Clipper
+from gradwatch.act.unitwise import ClipUnitwise
 from gradwatch.collect.norms import GradCollector
 from gradwatch.errors import ConfigError, StateError
 

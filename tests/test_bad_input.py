@@ -541,14 +541,14 @@ def test_change_tracking_hooks_are_removed_and_never_keep_the_watcher_alive() ->
     hooks = torch_module._global_parameter_registration_hooks
     model = _Grown()
     watch = gw.GradWatch(model, sinks=[])
-    ids = [handle.id for handle in watch._changes._handles]
+    ids = [handle.id for handle in watch._path._changes._handles]
     assert ids and all(
         i in hooks or i in torch_module._global_module_registration_hooks for i in ids
     )
     watch.close()
     assert not any(i in hooks or i in torch_module._global_module_registration_hooks for i in ids)
     dropped = gw.GradWatch(model, sinks=[])
-    ids = [handle.id for handle in dropped._changes._handles]
+    ids = [handle.id for handle in dropped._path._changes._handles]
     ref = weakref.ref(dropped)
     del dropped
     gc.collect()

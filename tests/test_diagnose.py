@@ -431,7 +431,7 @@ def test_a_clipped_run_is_not_told_to_add_clipping() -> None:
     watch = _spiky_run(gw.ClipNorm(1.0), nan_at=47)
     watch.flush()
     health = watch.health_detector.report()
-    config = watch.clipper.config()
+    config = watch.settings.clip.config()
     watch.close()
     assert 0 < health.clipped_steps < health.steps
     # With the clipper's settings, and from the clipped steps alone.

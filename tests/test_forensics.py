@@ -312,7 +312,7 @@ def _first_activation(model: nn.Module, x: torch.Tensor) -> tuple[str | None, st
     """What forensics names for one step: from the probe itself and from the watcher's record."""
     sink = Events()
     watch = gw.GradWatch(model, sinks=[sink], forensics=True)
-    acts = watch._probe.activations
+    acts = watch._path.bound.probe.activations
     probe = []
     original = acts.capture
     acts.capture = lambda *args: probe.append(original(*args)) or probe[-1]
@@ -423,7 +423,7 @@ def test_containers_returning_a_childs_output_share_its_record() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), nn.Identity())
     watch = gw.GradWatch(model, sinks=[], forensics=True)
-    acts = watch._probe.activations
+    acts = watch._path.bound.probe.activations
     x = torch.rand(8, 4)
     _train_step(watch, model, x)
     watch.flush()
@@ -472,7 +472,7 @@ def test_an_in_place_activation_is_recorded_after_its_change() -> None:
         model.first.weight.abs_()
         model.first.bias.abs_()  # positive outputs: log finite, of either sign
     watch = gw.GradWatch(model, sinks=[], forensics=True)
-    acts = watch._probe.activations
+    acts = watch._path.bound.probe.activations
     x = torch.rand(8, 4)
     _train_step(watch, model, x)
     watch.flush()
@@ -510,7 +510,7 @@ def test_relu_records_are_the_max_abs_of_what_they_returned() -> None:
     for name, child in model.named_children():  # after those hooks: sees what flows on
         child.register_forward_hook(keep(name))
     watch = gw.GradWatch(model, sinks=[], forensics=True)
-    acts = watch._probe.activations
+    acts = watch._path.bound.probe.activations
     recorder = acts._recorder
     loss = model(torch.rand(8, 4)).sum()
     derived = {acts.names[recorder.forward.calls[p]] for p in recorder.derived}
@@ -629,7 +629,7 @@ def test_an_eager_model_watched_beside_a_compiled_one_is_recorded_quietly() -> N
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         watch = gw.GradWatch(model, sinks=[], forensics=True)
-        acts = watch._probe.activations
+        acts = watch._path.bound.probe.activations
         for _ in range(3):
             fast(x).sum().backward()  # e.g. a compiled teacher, or a loss network
             _train_step(watch, model, x)
@@ -681,7 +681,7 @@ def test_other_models_are_neither_recorded_nor_changed() -> None:
     model = _log_model()
     other = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
     watch = gw.GradWatch(model, sinks=[], forensics=True)
-    recorder = watch._probe.activations._recorder
+    recorder = watch._path.bound.probe.activations._recorder
     x = torch.rand(8, 4)
     expected = other(x)
     out = other(x)

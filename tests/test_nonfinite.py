@@ -117,7 +117,7 @@ def test_skip_leaves_weights_and_optimizer_state_bit_identical(optimizer_cls, sk
     assert reports[3].skip_reason == "non-finite gradient"
     assert reports[3].nonfinite == ("2.weight",)
     # Training resumed after the skip: the weights are finite.
-    assert all(torch.isfinite(p).all() for p in watch._watched.params)
+    assert all(torch.isfinite(p).all() for p in watch._path.bound.watched.params)
 
 
 def test_raise_names_parameters_and_step() -> None:

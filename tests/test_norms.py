@@ -203,7 +203,7 @@ def test_dense_model_keeps_the_direct_path() -> None:
     """Sparse support costs a dense model nothing: one plain group, the fast path, every step."""
     model = mlp(depth=2)
     watch = gw.GradWatch(model, sinks=[])
-    collector = watch._collector
+    collector = watch._path.bound.collector
     for step in range(2):
         backward(model, seed=step)
         watch.check()

@@ -18,7 +18,7 @@ from gradwatch.collect.ring import StatsRing
 
 
 def _use_copying_mirror(watch: gw.GradWatch) -> None:
-    ring: StatsRing = watch._ring
+    ring: StatsRing = watch._path.bound.ring
     ring._shared = False
     ring._host_tensor = torch.zeros(ring.rows.shape, dtype=ring.rows.dtype)
     ring.host = ring._host_tensor.numpy()

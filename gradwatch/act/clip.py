@@ -13,7 +13,7 @@ the device; they live in their own modules.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -31,12 +31,23 @@ EPS = 1e-6
 class Clipper:
     """Base class of gradient clippers.
 
+    A clipper declares its settings once, as :attr:`settings` (names of its attributes): its
+    :meth:`config` and ``repr`` are derived from them. A clipper that keeps state across steps
+    declares it as :attr:`state_keys` and builds it in :meth:`initial_state`: the state is one
+    dict of device tensors, allocated on the first step where the norms live, moved with them,
+    and saved and restored by :meth:`state_dict` and :meth:`load_state_dict`.
+
     Attributes:
         norm_type: Order of the global norm passed to :meth:`clip_` (the watcher computes it once
             and shares it with monitoring).
+        settings: Names of the attributes that are the clipper's settings.
+        state_keys: Names of the state tensors (empty for a stateless clipper).
     """
 
     norm_type: float = 2.0
+    settings: ClassVar[tuple[str, ...]] = ()
+    state_keys: ClassVar[tuple[str, ...]] = ()
+    _state: dict[str, Tensor] | None = None
 
     def clip_(self, batch: GradBatch, total_norm: Tensor, param_norms: Tensor, out: Tensor) -> None:
         """Clip ``batch``'s gradients in place.
@@ -56,18 +67,67 @@ class Clipper:
         """
         return self
 
+    def initial_state(self, like: Tensor) -> dict[str, Tensor]:
+        """A stateful clipper's state before its first step, on ``like``'s device and dtype."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no state")
+
+    def state_on(self, like: Tensor) -> dict[str, Tensor]:
+        """The state on ``like``'s device, floats in its dtype (allocated or moved once)."""
+        state = self._state
+        if state is None:
+            state = self._state = self.initial_state(like)
+        elif any(_needs_move(v, like) for v in state.values()):
+            state = self._state = {k: _moved(v, like) for k, v in state.items()}
+        return state
+
     def state_dict(self) -> dict[str, Any]:
-        """The clipper's state (empty for stateless clippers)."""
-        return {}
+        """Copies of the state tensors ({} for a stateless clipper or before the first step)."""
+        return {} if self._state is None else {k: v.clone() for k, v in self._state.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        if state:
-            raise ValueError(f"{type(self).__name__} is stateless, got state keys {sorted(state)}")
+        """Restore what :meth:`state_dict` returned; moved to the norms' device on the next step.
+
+        Raises:
+            ValueError: The clipper is stateless, or a key is missing or malformed.
+        """
+        name = type(self).__name__
+        if not self.state_keys:
+            if state:
+                raise ValueError(f"{name} is stateless, got state keys {sorted(state)}")
+            return
+        if not state:
+            self._state = None
+            return
+        missing = [k for k in self.state_keys if k not in state]
+        if missing:
+            raise ConfigError(f"{name} state is missing {missing[0]!r}, got keys {sorted(state)}")
+        loaded = {k: torch.as_tensor(state[k]).detach().clone() for k in self.state_keys}
+        self._state = self.loaded_state(loaded)
+
+    def loaded_state(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A state about to be loaded, checked (a ConfigError names what is wrong) and brought
+        to the dtypes :meth:`clip_` uses. Stateful clippers override it."""
+        return state
 
     def config(self) -> dict[str, Any]:
         """The clipper's settings as plain values, for run headers."""
-        return {"name": type(self).__name__}
+        return {"name": type(self).__name__, **{n: _plain(getattr(self, n)) for n in self.settings}}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.settings)
+        return f"{type(self).__name__}({args})"
+
+
+def _needs_move(value: Tensor, like: Tensor) -> bool:
+    return value.device != like.device or (value.is_floating_point() and value.dtype != like.dtype)
+
+
+def _moved(value: Tensor, like: Tensor) -> Tensor:
+    return value.to(like.device, like.dtype if value.is_floating_point() else value.dtype)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def scale_(batch: GradBatch, coef: Tensor) -> None:
@@ -102,6 +162,8 @@ class ClipNorm(Clipper):
         ValueError: ``max_norm`` or ``norm_type`` is out of range.
     """
 
+    settings = ("max_norm", "norm_type")
+
     def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
         self.max_norm = check_positive("ClipNorm(max_norm)", max_norm)
         self.norm_type = check_norm_type("ClipNorm(norm_type)", norm_type)
@@ -110,12 +172,6 @@ class ClipNorm(Clipper):
         torch.add(total_norm, EPS, out=out)
         out.reciprocal_().mul_(self.max_norm).clamp_(max=1.0)
         scale_(batch, out)
-
-    def config(self) -> dict[str, Any]:
-        return {"name": "ClipNorm", "max_norm": self.max_norm, "norm_type": self.norm_type}
-
-    def __repr__(self) -> str:
-        return f"ClipNorm(max_norm={self.max_norm}, norm_type={self.norm_type})"
 
 
 class ClipValue(Clipper):
@@ -131,6 +187,8 @@ class ClipValue(Clipper):
     Args:
         clip_value: Largest allowed absolute value, a finite number > 0.
     """
+
+    settings = ("clip_value",)
 
     def __init__(self, clip_value: float) -> None:
         self.clip_value = check_positive("ClipValue(clip_value)", clip_value)
@@ -163,12 +221,6 @@ class ClipValue(Clipper):
         # after / before, and 1 where nothing changed (also covers a zero norm).
         torch.div(after, total_norm, out=out)
         out.masked_fill_(after == total_norm, 1.0)
-
-    def config(self) -> dict[str, Any]:
-        return {"name": "ClipValue", "clip_value": self.clip_value}
-
-    def __repr__(self) -> str:
-        return f"ClipValue(clip_value={self.clip_value})"
 
 
 def _clamp_sparse_(grad: Tensor, clip_value: float) -> None:

@@ -207,7 +207,7 @@ class GradWatchCallback(pl.Callback):
         self._stepped = True
         skipped = self._skips and self._report.skipped  # read only if a policy can skip
         if self._lightning_clips and not skipped and self.watch is not None:
-            self._post = post_clip_norm(self._params, self.watch.norm_type)
+            self._post = post_clip_norm(self._params, self.watch.settings.norm_type)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int

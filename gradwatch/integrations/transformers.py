@@ -193,7 +193,7 @@ class GradWatchCallback(_transformers.TrainerCallback):
         if self._check_before_step or self._report is None:
             self._report = self.watch.check()
         elif self._trainer_clips and not (self._skips and self._report.skipped):
-            self._post = post_clip_norm(self._params, self.watch.norm_type)
+            self._post = post_clip_norm(self._params, self.watch.settings.norm_type)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         optimizer = kwargs.get("optimizer")
