@@ -32,6 +32,7 @@ from gradwatch.records import RunSummary, StepReport
 from gradwatch.report.base import StepAggregator
 from gradwatch.report.console import ConsoleSink
 from gradwatch.report.tracker import layer_patterns, match_layers
+from gradwatch.step_result import StepResult
 from gradwatch.watch import GradWatch
 
 __all__ = ["AfterBackward", "CallbackConsole", "WindowStats", "post_clip_norm", "start_watch"]
@@ -232,7 +233,10 @@ def _to_host(values: list[torch.Tensor | float | None]) -> list[float | None]:
     return out
 
 
-def _with_framework_clip(report: StepReport, post: float | None, skipped: bool) -> StepReport:
+def _with_framework_clip(
+    result: StepResult | StepReport, post: float | None, skipped: bool
+) -> StepReport:
+    report = result.report if isinstance(result, StepResult) else result
     changes: dict[str, object] = {}
     if skipped and not report.skipped:
         changes.update(skipped=True, skip_reason=report.skip_reason or "skipped by the framework")
