@@ -194,6 +194,7 @@ def compare_figure(
     losses, norms = [], []
     for i, (log, label) in enumerate(zip(logs, labels)):
         colour = palette[i % len(palette)]
+        width_i = max(1.2, 3.4 - 1.8 * i)  # later runs thinner, on top: equal stretches show both
         data = _Reduced(log, None, max_columns)
         shown = _loss_series(
             loss_ax,
@@ -204,17 +205,25 @@ def compare_figure(
             name=label,
             counted=False,
             nan_height=0.97 - 0.04 * i,
+            width=width_i,
         )
         if shown is not None:
             losses.append(shown)
-        _line(norm_ax, data, data.global_max, color=colour, lw=1.4, label=label)
+        _line(norm_ax, data, data.global_max, color=colour, lw=width_i, label=label)
         norms.append(data.global_max[np.isfinite(data.global_max)])
         spikes = [e for e in log.events if e.kind == "spike"]
         if spikes:
             sx = [e.step for e in spikes]
             sy = [_number(e.data.get("global_norm")) for e in spikes]
             norm_ax.scatter(
-                sx, sy, marker="^", s=42, color=colour, edgecolor="black", lw=0.5, zorder=5
+                sx,
+                sy,
+                marker="^",
+                s=22 * width_i,
+                color=colour,
+                edgecolor="black",
+                lw=0.5,
+                zorder=5,
             )
         nonfinite = np.union1d(_event_steps(log, "nonfinite"), log.step[log.nonfinite])
         if len(nonfinite):
@@ -441,6 +450,7 @@ def _loss_series(
     name: str,
     counted: bool = True,
     nan_height: float = 0.93,
+    width: float = 1.4,
 ) -> np.ndarray | None:
     """Draw one run's loss, its loss spikes on the curve and its NaN/Inf losses along the top.
 
@@ -456,21 +466,23 @@ def _loss_series(
         ax.fill_between(
             data.centers, data.loss_min, data.loss_max, step="mid", color=colour, alpha=0.2, lw=0
         )
-        ax.stairs(data.loss_max, data.edges, color=colour, lw=1.4, label=f"{name} (max per column)")
+        ax.stairs(
+            data.loss_max, data.edges, color=colour, lw=width, label=f"{name} (max per column)"
+        )
     else:  # the loss is known at the recorded steps, and at each loss spike (its event)
         known = dict(zip(log.step.tolist(), log.loss.tolist()))
         known.update((step, y) for step, y in spikes if np.isfinite(y))
         lx = np.array(sorted(known), dtype=np.float64)
         if log.every > 1 and counted:
             name += " (recorded steps and loss spikes)"
-        ax.plot(lx, [known[k] for k in lx.tolist()], color=colour, lw=1.4, label=name)
+        ax.plot(lx, [known[k] for k in lx.tolist()], color=colour, lw=width, label=name)
     if spikes:
         sx, sy = np.array(spikes, dtype=np.float64).T
         ax.scatter(
             sx,
             sy,
             marker="D",
-            s=36,
+            s=36 * width / 1.4,
             color=spike_colour,
             edgecolor="black",
             lw=0.5,
