@@ -233,19 +233,7 @@ def spike_finding(run: Run) -> list[Finding]:
         "largest_step": top.step,
         "episodes": len(eps),
     }
-    return [
-        Finding(
-            "spike",
-            tuple(culprits),
-            evidence,
-            tuple(remedies),
-            suggested,
-            cause=cause,  # type: ignore[arg-type]
-            severity="warning",
-            first_step=kept[0].step,
-            data=data,
-        )
-    ]
+    return [_spike_warning("spike", culprits, evidence, remedies, suggested, cause, kept, data)]
 
 
 def _recurrent_remedy(run: Run, culprits: Sequence[str]) -> str:
@@ -305,19 +293,32 @@ def loss_spike_finding(run: Run) -> list[Finding]:
     cause, reason = _episodes_cause(run, eps or episodes(kept, what="loss", latest=h.last_step))
     evidence += f"; {reason}"
     remedies, suggested = _advice(run, cause, spikes=True)
-    return [
-        Finding(
-            "loss_spike",
-            (),
-            evidence,
-            tuple(remedies),
-            suggested,
-            cause=cause,  # type: ignore[arg-type]
-            severity="warning",
-            first_step=kept[0].step,
-            data={"loss_spikes": h.loss_spike_count, "largest_ratio": top.ratio},
-        )
-    ]
+    data = {"loss_spikes": h.loss_spike_count, "largest_ratio": top.ratio}
+    return [_spike_warning("loss_spike", (), evidence, remedies, suggested, cause, kept, data)]
+
+
+def _spike_warning(
+    kind: str,
+    params: Sequence[str],
+    evidence: str,
+    remedies: Sequence[str],
+    suggested: dict[str, float],
+    cause: str,
+    spikes: Sequence[object],
+    data: dict[str, float | str | None],
+) -> Finding:
+    """The warning a run of (loss) spikes makes, dated by its first spike."""
+    return Finding(
+        kind,  # type: ignore[arg-type]
+        tuple(params),
+        evidence,
+        tuple(remedies),
+        suggested,
+        cause=cause,  # type: ignore[arg-type]
+        severity="warning",
+        first_step=spikes[0].step,  # type: ignore[attr-defined]
+        data=data,
+    )
 
 
 def scaler_finding(run: Run) -> list[Finding]:

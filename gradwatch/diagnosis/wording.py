@@ -51,11 +51,10 @@ def where(origin: NonFiniteOrigin) -> tuple[str, str]:
     if origin.first_activation == INPUT:
         return "input", "the model's input already held NaN/Inf"
     if origin.first_activation is not None:
-        kind = f" ({origin.first_activation_type})" if origin.first_activation_type else ""
-        return (
+        return _first_module(
             origin.first_activation,
-            f"the output of `{origin.first_activation}`{kind} was the first to go non-finite in "
-            "the forward pass",
+            origin.first_activation_type,
+            "the output of {module} was the first to go non-finite in the forward pass",
         )
     loss_bad = origin.loss is not None and not math.isfinite(origin.loss)
     if loss_bad and (origin.forensics or origin.count == 0):
@@ -67,11 +66,11 @@ def where(origin: NonFiniteOrigin) -> tuple[str, str]:
             f"the loss was {num(origin.loss)} while {finite}: the loss computation made it",
         )
     if origin.first_signal is not None:
-        kind = f" ({origin.first_signal_type})" if origin.first_signal_type else ""
-        return (
+        return _first_module(
             origin.first_signal,
-            f"the forward pass was finite; the gradient of `{origin.first_signal}`{kind}'s output "
-            "was the first to go non-finite in backward",
+            origin.first_signal_type,
+            "the forward pass was finite; the gradient of {module}'s output was the first to go "
+            "non-finite in backward",
         )
     what = "NaN" if origin.value == "NaN" else "Inf"
     at = f"`{origin.param}` ({origin.module_type} `{origin.module}`, shape {shape(origin.shape)})"
@@ -87,3 +86,9 @@ def where(origin: NonFiniteOrigin) -> tuple[str, str]:
             f"the loss was finite ({num(origin.loss)}); {what} first reached {at} in backward",
         )
     return origin.param or "", f"{what} first reached {at}"
+
+
+def _first_module(name: str, module_type: str | None, sentence: str) -> tuple[str, str]:
+    """``(name, sentence)``, the module quoted in ``sentence``'s ``{module}`` with its type."""
+    kind = f" ({module_type})" if module_type else ""
+    return name, sentence.format(module=f"`{name}`{kind}")
