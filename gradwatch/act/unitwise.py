@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch.act.clip import Clipper
-from gradwatch.collect.norms import GradBatch, foreach_norms, sparse_values
+from gradwatch.collect.kernels import foreach_norms, norm_dtype, sparse_values
+from gradwatch.collect.norms import GradBatch
 from gradwatch.config import check_positive
 from gradwatch.errors import ConfigError, ConfigTypeError, StateError
 
@@ -191,7 +192,7 @@ class ClipUnitwise(Clipper):
             else:
                 self._clip_rows_(param, grad)
             return
-        acc = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
+        acc = norm_dtype(grad.dtype)
         if grad.ndim <= 1:  # one unit: the whole tensor
             weight_norm = torch.linalg.vector_norm(param, 2.0, dtype=acc)
             grad_norm = torch.linalg.vector_norm(sparse_values(grad), 2.0, dtype=acc)
@@ -226,5 +227,7 @@ def _local(t: Tensor) -> Tensor:
 
 def _unit_norms(x: Tensor, dims: tuple[int, ...]) -> Tensor:
     """L2 norm of each slice along dim 0 (kept dims, float32 for half types)."""
-    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
-    return torch.linalg.vector_norm(x, 2.0, dim=dims, keepdim=True, dtype=dtype)
+    dtype = norm_dtype(x.dtype)  # complex tensors keep dtype=None: their norm is real
+    return torch.linalg.vector_norm(
+        x, 2.0, dim=dims, keepdim=True, dtype=None if dtype is x.dtype else dtype
+    )
