@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        from gradwatch.report.view import run_compare
+        from gradwatch.report.compare import run_compare
 
         return run_compare(args.logs, plot=args.plot, run=args.run, labels=args.label)
     if args.label is not None:

@@ -4,17 +4,14 @@ The terminal part needs nothing beyond gradwatch's own dependencies: what was wa
 the same per-layer table the console sink prints at the end of a run, and a timeline of events
 with repeats folded (a run that went NaN at step 57 and stayed NaN shows one line, not 10,000).
 ``--plot`` adds the figure of :mod:`gradwatch.report.plots`; ``--html`` writes the page of
-:mod:`gradwatch.report.html`. Several logs (``gradwatch report a.jsonl b.jsonl``) are compared:
-their totals side by side, and ``--plot`` overlays their loss and gradient norm.
+:mod:`gradwatch.report.html`. Several logs are compared by :mod:`gradwatch.report.compare`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -28,14 +25,16 @@ from gradwatch.report.console import fmt, summary_notes, summary_table
 from gradwatch.report.runlog import RunLog, RunLogError, read_run
 
 __all__ = [
-    "RunTotals",
+    "OutputError",
+    "check_outputs",
     "damage_lines",
     "event_timeline",
+    "fail",
     "fold_events",
+    "make_folder",
+    "read_log",
     "render_report",
-    "run_compare",
     "run_report",
-    "run_totals",
 ]
 
 _KIND_STYLE = {
@@ -85,24 +84,24 @@ def run_report(
         it is not installed.
     """
     try:
-        _check_outputs(plot, html)
-    except _OutputError as err:
-        return _fail(str(err))
+        check_outputs(plot, html)
+    except OutputError as err:
+        return fail(str(err))
     except MissingExtraError as err:
         print(f"gradwatch report: {err}", file=sys.stderr)
         return 1
     try:
-        log = _read(path, run)
+        log = read_log(path, run)
     except RunLogError as err:
-        return _fail(str(err))
+        return fail(str(err))
     if plot is not None and len(log) == 0:
-        return _fail(f"cannot plot {str(path)!r}: the run recorded no step")
+        return fail(f"cannot plot {str(path)!r}: the run recorded no step")
     try:
         for option, target in (("--plot", plot), ("--html", html)):
             if target is not None:
-                _make_folder(option, target)
-    except _OutputError as err:
-        return _fail(str(err))
+                make_folder(option, target)
+    except OutputError as err:
+        return fail(str(err))
 
     out = console if console is not None else Console()
     for renderable in render_report(log):
@@ -115,7 +114,7 @@ def run_report(
         try:
             width, height = plot_run(log, plot, format=kind)
         except OSError as err:
-            return _fail(f"cannot write the figure to {str(plot)!r}: {err.strerror or err}")
+            return fail(f"cannot write the figure to {str(plot)!r}: {err.strerror or err}")
         size = f"{width}x{height} px" if kind == "png" else kind.upper()  # vector: no pixels
         out.print(Text(f"figure written to {plot} ({size})"), soft_wrap=True)
     if html is not None:
@@ -124,7 +123,7 @@ def run_report(
         try:
             write_html(log, html)
         except OSError as err:
-            return _fail(f"cannot write the HTML report to {str(html)!r}: {err.strerror or err}")
+            return fail(f"cannot write the HTML report to {str(html)!r}: {err.strerror or err}")
         out.print(Text(f"HTML report written to {html}"), soft_wrap=True)
     if plot is None and html is None and len(log):
         out.print(
@@ -133,17 +132,15 @@ def run_report(
     return 0
 
 
-class _OutputError(GradWatchError, ValueError):
+class OutputError(GradWatchError, ValueError):
     """An output path of ``gradwatch report`` cannot be written; the message names the option."""
 
 
-def _check_outputs(
-    plot: str | os.PathLike[str] | None, html: str | os.PathLike[str] | None
-) -> None:
+def check_outputs(plot: str | os.PathLike[str] | None, html: str | os.PathLike[str] | None) -> None:
     """Fail before any work on an output that cannot be written.
 
     Raises:
-        _OutputError: A suffix ``--plot`` cannot honour, a path that is a folder, or both
+        OutputError: A suffix ``--plot`` cannot honour, a path that is a folder, or both
             options naming one file.
         MissingExtraError: ``--plot`` is given and matplotlib is not installed.
     """
@@ -153,28 +150,28 @@ def _check_outputs(
         try:
             plot_format(plot)
         except ValueError as err:
-            raise _OutputError(f"--plot: {err}") from None
+            raise OutputError(f"--plot: {err}") from None
     for option, target in (("--plot", plot), ("--html", html)):
         if target is not None and Path(target).is_dir():
-            raise _OutputError(f"{option} {str(target)!r} is a folder; give a file name in it")
+            raise OutputError(f"{option} {str(target)!r} is a folder; give a file name in it")
     if plot is not None and html is not None and Path(plot).resolve() == Path(html).resolve():
-        raise _OutputError(f"--plot and --html name the same file {str(plot)!r}")
+        raise OutputError(f"--plot and --html name the same file {str(plot)!r}")
     if plot is not None:
         require("matplotlib", extra="plot")
 
 
-def _make_folder(option: str, target: str | os.PathLike[str]) -> None:
+def make_folder(option: str, target: str | os.PathLike[str]) -> None:
     folder = Path(target).parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         blocker = next((p for p in (folder, *folder.parents) if p.is_file()), None)
         reason = f"{str(blocker)!r} is a file" if blocker else (err.strerror or str(err))
-        raise _OutputError(
+        raise OutputError(
             f"{option} {str(target)!r}: cannot create the folder {str(folder)!r}: {reason}"
         ) from None
     if not os.access(folder, os.W_OK):
-        raise _OutputError(f"{option} {str(target)!r}: the folder {str(folder)!r} is not writable")
+        raise OutputError(f"{option} {str(target)!r}: the folder {str(folder)!r} is not writable")
 
 
 def render_report(log: RunLog) -> list[Table | Text]:
@@ -232,170 +229,7 @@ def fold_events(events: Sequence[Event]) -> list[list[Event]]:
     return rows
 
 
-@dataclass(frozen=True)
-class RunTotals:
-    """The numbers a reader compares first, from the run's summary (or its recorded steps).
-
-    Attributes:
-        steps: Steps checked.
-        first_step, last_step: Steps covered (None without a recorded step).
-        clipped, spikes, loss_spikes, nonfinite, skipped: Step counts.
-        clip_rate: ``clipped / steps``.
-        final_norm: Global norm of the last recorded step.
-        median_norm: Median finite global norm of the recorded steps (NaN if none).
-        final_loss: Loss of the last recorded step that has one (NaN/inf included), None if the
-            run recorded no loss.
-        final_lr: Learning rate of the last recorded step that has one, None if none.
-    """
-
-    steps: int
-    first_step: int | None
-    last_step: int | None
-    clipped: int
-    clip_rate: float
-    spikes: int
-    loss_spikes: int
-    nonfinite: int
-    skipped: int
-    final_norm: float
-    median_norm: float
-    final_loss: float | None
-    final_lr: float | None
-
-
-def run_totals(log: RunLog) -> RunTotals:
-    """The :class:`RunTotals` of ``log``: the summary's counts, the median and final values."""
-    import numpy as np
-
-    s = log.summary if log.summary is not None else log.summarize()
-    finite = log.global_norm[np.isfinite(log.global_norm)]
-    # a loss was given at a step when it is finite, inf, or NaN at a step with NaN gradients
-    given = np.flatnonzero(~np.isnan(log.loss) | (log.nonfinite & np.isfinite(log.loss).any()))
-    known_lr = np.flatnonzero(np.isfinite(log.lr))
-    return RunTotals(
-        steps=s.steps,
-        first_step=s.first_step,
-        last_step=s.last_step,
-        clipped=s.clipped_steps,
-        clip_rate=s.clip_rate,
-        spikes=s.spikes,
-        loss_spikes=s.loss_spikes,
-        nonfinite=s.nonfinite_steps,
-        skipped=s.skipped_steps,
-        final_norm=s.global_last,
-        median_norm=float(np.median(finite)) if len(finite) else math.nan,
-        final_loss=float(log.loss[given[-1]]) if len(given) else None,
-        final_lr=float(log.lr[known_lr[-1]]) if len(known_lr) else None,
-    )
-
-
-def run_compare(
-    paths: Sequence[str | os.PathLike[str]],
-    plot: str | os.PathLike[str] | None = None,
-    *,
-    run: int = -1,
-    labels: Sequence[str] | None = None,
-    console: Console | None = None,
-) -> int:
-    """Compare run logs: their totals side by side; ``plot`` overlays their loss and norm.
-
-    Args:
-        paths: Two or more logs written by :class:`~gradwatch.report.jsonl.JsonlSink`.
-        plot: Where to write the overlay (needs ``gradwatch[plot]``), or None.
-        run: Which run of each log, when a log holds several (0 first, -1 last).
-        labels: One name per log for the table and the legend (default: the file names).
-        console: Where the comparison goes (default: a console on stdout).
-
-    Returns:
-        The exit code, as for :func:`run_report`.
-    """
-    if labels is not None and len(labels) != len(paths):
-        return _fail(
-            f"--label given {len(labels)} time(s) for {len(paths)} run logs; "
-            "give one label per log, in the order of the logs"
-        )
-    try:
-        _check_outputs(plot, None)
-    except _OutputError as err:
-        return _fail(str(err))
-    except MissingExtraError as err:
-        print(f"gradwatch report: {err}", file=sys.stderr)
-        return 1
-    try:
-        logs = [_read(path, run) for path in paths]
-    except RunLogError as err:
-        return _fail(str(err))
-    if plot is not None:
-        empty = next((log for log in logs if len(log) == 0), None)
-        if empty is not None:
-            return _fail(f"cannot plot {str(empty.path)!r}: the run recorded no step")
-        try:
-            _make_folder("--plot", plot)
-        except _OutputError as err:
-            return _fail(str(err))
-    names = list(labels) if labels is not None else _names(logs)
-    out = console if console is not None else Console()
-    out.print(Text(f"comparing {len(logs)} run logs", style="bold"), soft_wrap=True)
-    for name, log in zip(names, logs):
-        runs = f" (run {log.run_index + 1} of {log.run_count})" if log.run_count > 1 else ""
-        out.print(Text(f"  {name}: {log.path}{runs}"), soft_wrap=True)
-        for note in damage_lines(log):
-            note.pad_left(4)
-            out.print(note, soft_wrap=True)
-    out.print(Text(""))
-    out.print(compare_table(names, [run_totals(log) for log in logs]))
-    if plot is not None:
-        from gradwatch.report.plots import plot_compare, plot_format
-
-        kind = plot_format(plot)
-        try:
-            width, height = plot_compare(logs, plot, labels=names, format=kind)
-        except OSError as err:
-            return _fail(f"cannot write the figure to {str(plot)!r}: {err.strerror or err}")
-        size = f"{width}x{height} px" if kind == "png" else kind.upper()
-        out.print(Text(f"figure written to {plot} ({size})"), soft_wrap=True)
-    else:
-        shown = " ".join(str(p) for p in paths)
-        out.print(
-            Text(f"overlay them: gradwatch report {shown} --plot compare.png", style="dim"),
-            soft_wrap=True,
-        )
-    return 0
-
-
-def compare_table(names: Sequence[str], totals: Sequence[RunTotals]) -> Table:
-    """Runs side by side, one column each: counts, final and median norm, final loss."""
-    table = Table(show_edge=False, pad_edge=False, title_justify="left")
-    table.add_column("", no_wrap=True)
-    for name in names:
-        table.add_column(name, justify="right", overflow="fold")
-    rows = (
-        ("steps", lambda t: f"{t.steps}" + (f" ({t.first_step}-{t.last_step})" if t.steps else "")),
-        ("clipped", lambda t: f"{t.clipped} ({t.clip_rate:.0%})"),
-        ("spikes", lambda t: str(t.spikes)),
-        ("loss spikes", lambda t: str(t.loss_spikes)),
-        ("NaN/Inf steps", lambda t: str(t.nonfinite)),
-        ("skipped", lambda t: str(t.skipped)),
-        ("final norm", lambda t: fmt(t.final_norm)),
-        ("median norm", lambda t: fmt(t.median_norm)),
-        ("final loss", lambda t: fmt(t.final_loss)),
-    )
-    for name, cell in rows:
-        table.add_row(name, *(cell(t) for t in totals))
-    return table
-
-
-def _names(logs: Sequence[RunLog]) -> list[str]:
-    """Each log's file name, or its path (and run) where names alone would be ambiguous."""
-    names = [log.path.name for log in logs]
-    if len(set(names)) < len(names):
-        names = [str(log.path) for log in logs]
-    if len(set(names)) < len(names):
-        names = [f"{name} run {log.run_index}" for name, log in zip(names, logs)]
-    return names
-
-
-def _read(path: str | os.PathLike[str], run: int) -> RunLog:
+def read_log(path: str | os.PathLike[str], run: int) -> RunLog:
     """:func:`read_run`, with an out-of-range ``run`` named as the ``--run`` option.
 
     Raises:
@@ -475,6 +309,6 @@ def damage_lines(log: RunLog) -> list[Text]:
     return lines
 
 
-def _fail(message: str) -> int:
+def fail(message: str) -> int:
     print(f"gradwatch report: error: {message}", file=sys.stderr)
     return 2
