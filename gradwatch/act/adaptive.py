@@ -61,6 +61,12 @@ class ClipZScore(Clipper):
     Only the global norm passed in by the watcher is used, so under DDP/FSDP every rank sees the
     same (reduced) norm, keeps the same state and applies the same coefficient.
 
+    This is ZClip's published rule, kept exact and run on the device with no host read. It is
+    not the rule of gradwatch's alerts: :class:`~gradwatch.SpikeDetector` judges ``log(norm)``
+    on the host, after the fact, with bars tuned so healthy runs raise no alarm, and
+    ``on_spike="clip"`` clips to that detector's threshold (a host wait per step) for a run that
+    wants its clipping to agree with its alerts.
+
     Args:
         alpha: EMA smoothing factor in (0, 1); higher remembers longer.
         z_threshold: z-score above which a norm is clipped, > 0.
