@@ -38,14 +38,14 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any, Literal
 
 import numpy as np
 
-from gradwatch.config import check_choice, check_int
+from gradwatch.config import check_choice
 from gradwatch.errors import GradWatchError
 from gradwatch.records import (
     Event,
@@ -55,8 +55,9 @@ from gradwatch.records import (
     RunSummary,
     StepReport,
 )
-from gradwatch.report.base import Sink, window_due
 from gradwatch.report.logformat import FORMAT, FORMAT_VERSION, encode_value
+from gradwatch.report.stats import LayerGroups
+from gradwatch.report.windowed import StepWindow, WindowedSink
 
 __all__ = ["JsonlSink", "RunLogExistsError"]
 
@@ -65,7 +66,7 @@ class RunLogExistsError(GradWatchError, FileExistsError):
     """A :class:`JsonlSink` was pointed at a file that already exists, with ``mode="x"``."""
 
 
-class JsonlSink(Sink):
+class JsonlSink(WindowedSink):
     """Writes the run to a JSON Lines file: a header, steps, events and the final summary.
 
     The file is opened when the sink is created, so a bad path fails before training starts;
@@ -93,7 +94,7 @@ class JsonlSink(Sink):
     def __init__(
         self, path: str | os.PathLike[str], *, every: int = 1, mode: Literal["x", "a"] = "x"
     ) -> None:
-        self.every = check_int("every", every)
+        super().__init__(every=every)
         self.mode = check_choice("mode", mode, ("x", "a"))
         self.path = Path(path)
         if self.path.is_dir():
@@ -123,50 +124,56 @@ class JsonlSink(Sink):
             self._write_line("")
         self._names: tuple[str, ...] | None = None
         self._position: dict[str, int] = {}
-        self._last: StepReport | None = None
-        self._last_values = np.empty(0)
-        self._window: _Window | None = None
 
     # ------------------------------------------------------------------------------ records
 
     def next_due(self, step: int) -> int:
         """Every step at once, so a killed process loses no completed step (else each window's)."""
-        return window_due(step, self.every, self._window.steps if self._window is not None else 0)
+        return super().next_due(step)
 
     def write(self, record: Record) -> None:
-        if isinstance(record, StepReport):
-            self._step(record)
-        elif isinstance(record, Event):
-            data = {
-                "type": "event",
-                "step": record.step,
-                "kind": record.kind,
-                "message": record.message,
-                "params": list(record.params),
-                "data": encode_value(record.data),
-            }
-            if record.cause is not None:
-                data["cause"] = record.cause
-            self._write_line(_dumps(data))
-        elif isinstance(record, RunStart):
-            self._header(record)
-        elif isinstance(record, RunSummary):
-            self._flush_window()
-            data = {"type": "summary", **encode_value(asdict(record))}
-            self._write_line(_dumps(data))
+        if isinstance(record, StepReport) and self._names is None:  # fed without a RunStart
+            params = tuple(ParamInfo(n, (), "unknown") for n in record.param_norms.names)
+            super().write(RunStart("unknown", "unknown", params, {}, time.time()))
+        super().write(record)
 
-    def close(self) -> None:
-        """Write the last partial window, if any, and close the file."""
-        if self._file is None:
-            return
-        self._flush_window()
-        self._file.close()
-        self._file = None
+    def layer_groups(self, names: Sequence[str], depth: int | None) -> LayerGroups:
+        """One group per parameter: a window record keeps each parameter's largest norm."""
+        return LayerGroups(names, each=True)
+
+    def render_start(self, start: RunStart) -> None:
+        self._header(start)
+
+    def render_window(self, window: StepWindow) -> None:
+        self._write_step(window.last, self._full_norms(window.last), window)
+
+    def render_event(self, event: Event) -> None:
+        data = {
+            "type": "event",
+            "step": event.step,
+            "kind": event.kind,
+            "message": event.message,
+            "params": list(event.params),
+            "data": encode_value(event.data),
+        }
+        if event.cause is not None:
+            data["cause"] = event.cause
+        self._write_line(_dumps(data))
+
+    def render_summary(self, summary: RunSummary) -> None:
+        self._write_line(_dumps({"type": "summary", **encode_value(asdict(summary))}))
+
+    def finish(self) -> None:
+        """Close the file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     # ------------------------------------------------------------------------------ writing
 
     def _header(self, start: RunStart) -> None:
-        self._set_names(tuple(p.name for p in start.params))
+        self._names = tuple(p.name for p in start.params)
+        self._position = {n: i for i, n in enumerate(self._names)}
         data = {
             "type": "header",
             "format": FORMAT,
@@ -182,31 +189,7 @@ class JsonlSink(Sink):
         }
         self._write_line(_dumps(data))
 
-    def _set_names(self, names: tuple[str, ...]) -> None:
-        self._names = names
-        self._position = {n: i for i, n in enumerate(names)}
-        self._window = _Window(len(names)) if self.every > 1 else None
-
-    def _step(self, report: StepReport) -> None:
-        if self._names is None:  # fed without a RunStart: describe what we can
-            params = tuple(ParamInfo(n, (), "unknown") for n in report.param_norms.names)
-            self._header(RunStart("unknown", "unknown", params, {}, time.time()))
-        values = self._full_norms(report)
-        self._last = report
-        if self._window is not None:
-            self._window.update(report, values)
-            if self._window.steps < self.every:
-                self._last_values = values
-                return
-        self._write_step(report, values)
-
-    def _flush_window(self) -> None:
-        window = self._window
-        if window is None or not window.steps or self._last is None:
-            return
-        self._write_step(self._last, self._last_values)
-
-    def _write_step(self, report: StepReport, values: np.ndarray) -> None:
+    def _write_step(self, report: StepReport, values: np.ndarray, window: StepWindow) -> None:
         single = values.dtype == np.float32
         num = _fmt32 if single else _fmt64
         parts = [
@@ -235,9 +218,8 @@ class JsonlSink(Sink):
         if report.nonfinite_ranks:
             ranks = ",".join(str(int(r)) for r in report.nonfinite_ranks)
             parts.append(f',"nonfinite_ranks":[{ranks}]')
-        if self._window is not None:
-            parts.append(f',"window":{self._window.to_json(num, single)}')
-            self._window.reset()
+        if self.every > 1:
+            parts.append(f',"window":{_window_json(window, num, single)}')
         parts.append(f',"norms":[{_float_list(values, single)}]}}')  # last: the reader relies on it
         self._write_line("".join(parts))
 
@@ -335,46 +317,15 @@ def _dumps(data: Mapping[str, Any]) -> str:
     return json.dumps(data, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
 
 
-class _Window:
-    """Statistics of the steps between two written step records (used when ``every > 1``)."""
-
-    def __init__(self, n_params: int) -> None:
-        self.n_params = n_params
-        self.reset()
-
-    def reset(self) -> None:
-        self.steps = 0
-        self.first: int | None = None
-        self.g_max, self.g_sum, self.g_count = -math.inf, 0.0, 0
-        self.clipped = self.spikes = self.loss_spikes = self.nonfinite = self.skipped = 0
-        self.norms_max = np.full(self.n_params, np.nan)
-
-    def update(self, report: StepReport, values: np.ndarray) -> None:
-        if self.first is None:
-            self.first = report.step
-        self.steps += 1
-        g = report.global_norm
-        if math.isfinite(g):
-            self.g_max = max(self.g_max, g)
-            self.g_sum += g
-            self.g_count += 1
-        self.clipped += report.clip_coef < 1.0
-        self.spikes += report.spike
-        self.loss_spikes += report.loss_spike
-        self.nonfinite += bool(report.nonfinite)
-        self.skipped += report.skipped
-        if not np.isfinite(values).all() or (values < 0).any():
-            values = np.where(np.isfinite(values) & (values >= 0), values, np.nan)
-        np.fmax(self.norms_max, values, out=self.norms_max)  # NaN (absent, non-finite) ignored
-
-    def to_json(self, num: Any, single: bool) -> str:
-        found = self.g_count > 0
-        maxima = np.where(np.isnan(self.norms_max), _ABSENT, self.norms_max)
-        return (
-            f'{{"first":{self.first},"steps":{self.steps}'
-            f',"global_max":{num(self.g_max) if found else "null"}'
-            f',"global_mean":{num(self.g_sum / self.g_count) if found else "null"}'
-            f',"clipped":{int(self.clipped)},"spikes":{int(self.spikes)}'
-            f',"loss_spikes":{int(self.loss_spikes)},"nonfinite":{int(self.nonfinite)}'
-            f',"skipped":{int(self.skipped)},"norms_max":[{_float_list(maxima, single)}]}}'
-        )
+def _window_json(window: StepWindow, num: Any, single: bool) -> str:
+    """The ``window`` of a step record: the statistics of the steps since the previous one."""
+    s = window.totals
+    maxima = np.where(np.isnan(window.layer_max), _ABSENT, window.layer_max)
+    return (
+        f'{{"first":{s.first_step},"steps":{s.steps}'
+        f',"global_max":{num(s.global_max) if math.isfinite(s.global_max) else "null"}'
+        f',"global_mean":{num(s.global_mean) if math.isfinite(s.global_mean) else "null"}'
+        f',"clipped":{s.clipped_steps},"spikes":{s.spikes}'
+        f',"loss_spikes":{s.loss_spikes},"nonfinite":{s.nonfinite_steps}'
+        f',"skipped":{s.skipped_steps},"norms_max":[{_float_list(maxima, single)}]}}'
+    )

@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
 
 from gradwatch.config import check_int
 from gradwatch.errors import ConfigTypeError
-from gradwatch.records import Event, Record, RunStart, RunSummary, StepReport
-from gradwatch.report.base import Sink, StepAggregator, window_due
-from gradwatch.report.console import summary_notes, summary_table, window_line
+from gradwatch.records import Event, Record, RunSummary
+from gradwatch.report.console import ConsoleSink
+from gradwatch.report.sink import Sink
+from gradwatch.report.text import summary_notes, summary_table, window_line
+from gradwatch.report.windowed import StepWindow, WindowedSink
 
 __all__ = ["LoggingSink"]
 
 
-class LoggingSink(Sink):
+class LoggingSink(WindowedSink):
     """Sends alerts, periodic summaries and the final summary to a :mod:`logging` logger.
 
     Args:
@@ -38,9 +41,17 @@ class LoggingSink(Sink):
         layer_depth: Group parameters into layers by their first ``layer_depth`` name parts
             (None: the watcher's ``layer_depth``, else by owning module).
 
+    When logging is not configured (no handler anywhere on the logger's way to the root),
+    Python prints warnings through its "last resort" handler on stderr; next to a
+    :class:`~gradwatch.ConsoleSink` that prints the same alerts, the sink then leaves them to the
+    console rather than show each alert twice. Configure logging (``logging.basicConfig()``, a
+    handler) and every alert is logged.
+
     Raises:
         TypeError, ValueError: An argument is invalid (the message names it).
     """
+
+    render_partial = False  # the final table covers the steps after the last full window
 
     def __init__(
         self,
@@ -65,48 +76,32 @@ class LoggingSink(Sink):
                 raise ConfigTypeError(
                     f"{name} must be a logging level such as logging.INFO, got {value!r}"
                 )
+        super().__init__(every=every, layer_depth=layer_depth, minimum_every=0)
         self.logger = logger
-        self.every = check_int("every", every, minimum=0)
         self.level = level
         self.alert_level = alert_level
         self.top_k = check_int("top_k", top_k, minimum=0)
         self.max_rows = check_int("max_rows", max_rows)
-        if layer_depth is not None:
-            check_int("layer_depth", layer_depth)
-        self.layer_depth = layer_depth
-        self._window: StepAggregator | None = None
+        self._console_alerts = False  # a ConsoleSink of the same watcher prints the alerts
 
-    def next_due(self, step: int) -> int:
-        """The step completing the current window, so its line is logged on time (0: never)."""
-        return window_due(step, self.every, self._window.steps if self._window is not None else 0)
+    def join(self, sinks: Sequence[Sink]) -> None:
+        """Note whether a :class:`~gradwatch.ConsoleSink` of the same watcher prints alerts."""
+        self._console_alerts = any(isinstance(s, ConsoleSink) and s.alerts for s in sinks)
 
-    def write(self, record: Record) -> None:
-        if isinstance(record, StepReport):
-            self._step(record)
-        elif isinstance(record, Event):
-            self._log(self.alert_level, "gradwatch: %s", record.message, record=record)
-        elif isinstance(record, RunStart):
-            depth = self.layer_depth
-            if depth is None:
-                depth = record.config.get("layer_depth")
-            self._window = StepAggregator([p.name for p in record.params], depth=depth)
-        elif isinstance(record, RunSummary) and self.logger.isEnabledFor(self.level):
-            table = _plain(record, self.max_rows)
-            self._log(self.level, "gradwatch: run finished\n%s", table, record=record)
+    def render_window(self, window: StepWindow) -> None:
+        if self.logger.isEnabledFor(self.level):
+            line = window_line(window.stats, top_k=self.top_k).plain
+            self._log(self.level, "%s", line, record=window.stats)
 
-    def _step(self, report: StepReport) -> None:
-        if not self.every:
-            return
-        if self._window is None:
-            names = list(report.param_norms.names)
-            self._window = StepAggregator(names, depth=self.layer_depth)
-        self._window.update(report)
-        if self._window.steps >= self.every:
-            if self.logger.isEnabledFor(self.level):
-                window = self._window.summary()
-                line = window_line(window, top_k=self.top_k).plain
-                self._log(self.level, "%s", line, record=window)
-            self._window.reset()
+    def render_event(self, event: Event) -> None:
+        if self._console_alerts and not self.logger.hasHandlers():
+            return  # logging's last resort would print the console's alert a second time
+        self._log(self.alert_level, "gradwatch: %s", event.message, record=event)
+
+    def render_summary(self, summary: RunSummary) -> None:
+        if self.logger.isEnabledFor(self.level):
+            table = _plain(summary, self.max_rows)
+            self._log(self.level, "gradwatch: run finished\n%s", table, record=summary)
 
     def _log(self, level: int, message: str, *args: Any, record: Record) -> None:
         self.logger.log(level, message, *args, extra={"gradwatch": record})

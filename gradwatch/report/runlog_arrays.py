@@ -2,20 +2,20 @@
 
 :class:`RunLog` holds one column per step field and a ``(steps, params)`` matrix of norms; its
 methods group parameters into layers and recompute a :class:`~gradwatch.records.RunSummary` for
-runs that never closed. :func:`gradwatch.report.runlog.read_run` builds it from a file.
+runs that never closed, with the watcher's own aggregator (:mod:`gradwatch.report.stats`).
+:func:`gradwatch.report.runlog.read_run` builds it from a file.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from gradwatch.layers import layer_of
-from gradwatch.records import Event, LayerSummary, RunStart, RunSummary
+from gradwatch.records import Event, RunStart, RunSummary
+from gradwatch.report.stats import LayerGroups, StepAggregator, StepColumns
 
 __all__ = ["RunLog"]
 
@@ -112,7 +112,7 @@ class RunLog:
 
     def layer_names(self, depth: int | None = None) -> tuple[str, ...]:
         """Layers in model order, grouped as :func:`~gradwatch.layers.layer_of` does."""
-        return tuple(dict.fromkeys(layer_of(n, depth) for n in self.names))
+        return LayerGroups(self.names, depth).layers
 
     def layer_norms(self, depth: int | None = None, *, peak: bool = False) -> np.ndarray:
         """Each layer's gradient norm at each recorded step, shape ``(steps, layers)``.
@@ -125,82 +125,47 @@ class RunLog:
             peak: Combine :attr:`peak_norms` instead of :attr:`norms` (for sampled logs this is an
                 upper bound of the layer's largest norm in each window).
         """
-        return self._layers(depth, peak)[0]
+        return self._layers(LayerGroups(self.names, depth), peak)[0]
 
     def layer_present(self, depth: int | None = None) -> np.ndarray:
         """Whether each layer had any gradient at each recorded step, shape ``(steps, layers)``."""
-        return self._layers(depth, peak=False)[1]
+        return self._layers(LayerGroups(self.names, depth), peak=False)[1]
 
-    def _layers(self, depth: int | None, peak: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _layers(self, groups: LayerGroups, peak: bool) -> tuple[np.ndarray, np.ndarray]:
         """Layer norms and whether each layer had any gradient, shape ``(steps, layers)``."""
-        values = self.peak_norms if peak else self.norms
-        present = ~np.isnan(values) if peak else self.present
-        layers = self.layer_names(depth)
-        index = {name: i for i, name in enumerate(layers)}
-        column_layer = np.array([index[layer_of(n, depth)] for n in self.names], dtype=np.intp)
-        if values.size == 0:
-            empty = np.full((len(values), len(layers)), np.nan)
-            return empty, np.zeros(empty.shape, dtype=np.bool_)
-        order = np.argsort(column_layer, kind="stable")
-        starts = np.searchsorted(column_layer[order], np.arange(len(layers)))
-        squares = np.where(present, np.square(values), 0.0)[:, order]
-        with np.errstate(invalid="ignore"):
-            norms = np.sqrt(np.add.reduceat(squares, starts, axis=1))
-        has = np.add.reduceat(present[:, order].astype(np.int32), starts, axis=1) > 0
-        norms[~has] = np.nan
-        return norms, has
+        if peak:
+            return groups.matrix(self.peak_norms, ~np.isnan(self.peak_norms))
+        return groups.matrix(self.norms, self.present)
 
     def summarize(self, depth: int | None = None) -> RunSummary:
         """A :class:`~gradwatch.records.RunSummary` computed from the recorded steps.
 
-        For runs that did not close (no summary record). With ``every > 1``, counts and maxima
-        cover every step (from the windows), minima and means the recorded steps only.
+        For runs that did not close (no summary record). The same aggregator as the watcher's
+        computes it; with ``every > 1``, counts and maxima cover every step (from the windows),
+        minima and means the recorded steps only.
         """
-        g = self.global_norm[np.isfinite(self.global_norm)]
-        peak = self.peak_global_norm[np.isfinite(self.peak_global_norm)]
-        layers = self.layer_names(depth)
-        norms, has = self._layers(depth, peak=False)
-        peaks, _ = self._layers(depth, peak=True)
-        index = {name: i for i, name in enumerate(layers)}
-        culprit = np.zeros(len(layers), dtype=np.int64)
-        for _, columns in self.spike_columns:
-            for column in columns:
-                culprit[index[layer_of(self.names[column], depth)]] += 1
-        summaries = []
-        for i, name in enumerate(layers):
-            column = norms[:, i]
-            ok = np.isfinite(column)
-            top = peaks[:, i][np.isfinite(peaks[:, i])]
-            summaries.append(
-                LayerSummary(
-                    name=name,
-                    min=float(column[ok].min()) if ok.any() else math.nan,
-                    mean=float(column[ok].mean()) if ok.any() else math.nan,
-                    max=float(top.max()) if len(top) else math.nan,
-                    last=float(column[-1]) if len(column) else math.nan,
-                    steps=int(ok.sum()),
-                    nonfinite_steps=int((has[:, i] & ~ok).sum()),
-                    spike_culprit=int(culprit[i]),
-                )
+        groups = LayerGroups(self.names, depth)
+        norms, has = self._layers(groups, peak=False)
+        aggregator = StepAggregator.of(groups)
+        aggregator.add_steps(
+            StepColumns(
+                step=self.step,
+                global_norm=self.global_norm,
+                clip_coef=self.clip_coef,
+                spike=self.spike,
+                loss_spike=self.loss_spike,
+                skipped=self.skipped,
+                nonfinite=self.nonfinite,
+                layer_norms=norms,
+                layer_present=has,
+                origins=[
+                    (e.step, e.params[0]) for e in self.events if e.kind == "nonfinite" and e.params
+                ],
+                culprits=[column for _, columns in self.spike_columns for column in columns],
+                window_steps=self.window_steps,
+                peak_global=self.peak_global_norm,
+                peak_layers=self._layers(groups, peak=True)[0],
+                totals=self.window_totals,
             )
-        origins = tuple(
-            (e.step, e.params[0]) for e in self.events if e.kind == "nonfinite" and e.params
-        )[:100]
-        totals = self.window_totals
-        n = len(self)
-        return RunSummary(
-            steps=int(self.window_steps.sum()),
-            first_step=int(self.step[0] - self.window_steps[0] + 1) if n else None,
-            last_step=int(self.step[-1]) if n else None,
-            global_min=float(g.min()) if len(g) else math.nan,
-            global_mean=float(g.mean()) if len(g) else math.nan,
-            global_max=float(peak.max()) if len(peak) else math.nan,
-            global_last=float(self.global_norm[-1]) if n else math.nan,
-            clipped_steps=int(totals.get("clipped", (self.clip_coef < 1.0).sum())),
-            spikes=int(totals.get("spikes", self.spike.sum())),
-            loss_spikes=int(totals.get("loss_spikes", self.loss_spike.sum())),
-            nonfinite_steps=int(totals.get("nonfinite", self.nonfinite.sum())),
-            skipped_steps=int(totals.get("skipped", self.skipped.sum())),
-            layers=tuple(summaries),
-            nonfinite_origins=origins,
         )
+        return aggregator.summary()

@@ -18,21 +18,20 @@ Needs the ``tensorboard`` package: ``pip install "gradwatch[tensorboard]"``.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
 from gradwatch._optional import require
-from gradwatch.config import check_int
 from gradwatch.errors import ConfigError
-from gradwatch.records import Event, Record, RunStart, RunSummary, StepReport
-from gradwatch.report.base import NEVER, Sink, StepAggregator
-from gradwatch.report.console import fmt
+from gradwatch.records import Event, RunStart, RunSummary
+from gradwatch.report.sink import NEVER
+from gradwatch.report.text import fmt
+from gradwatch.report.windowed import StepWindow, WindowedSink
 
-__all__ = ["TensorBoardSink"]
+__all__ = ["TensorBoardSink", "window_scalars"]
 
 
-class TensorBoardSink(Sink):
+class TensorBoardSink(WindowedSink):
     """Writes gradient norms and events to TensorBoard event files.
 
     Args:
@@ -57,10 +56,7 @@ class TensorBoardSink(Sink):
         layer_depth: int | None = None,
         writer: Any = None,
     ) -> None:
-        self.every = check_int("every", every)
-        if layer_depth is not None:
-            check_int("layer_depth", layer_depth)
-        self.layer_depth = layer_depth
+        super().__init__(every=every, layer_depth=layer_depth)
         if (log_dir is None) == (writer is None):
             raise ConfigError(
                 "give exactly one of log_dir (a directory for new event files) or writer (an "
@@ -74,87 +70,67 @@ class TensorBoardSink(Sink):
         else:
             self._owns_writer = False
         self.writer = writer
-        self._window: StepAggregator | None = None
-        self._clip_min = math.inf
-        self._events: list[Event] = []
-
-    # ------------------------------------------------------------------------------ records
+        self._pending: list[Event] = []
 
     def next_due(self, step: int) -> int:
         """Never early: tensorboard's background writer flushes on its own schedule anyway."""
         return NEVER
 
-    def write(self, record: Record) -> None:
-        if isinstance(record, StepReport):
-            self._flush_events()
-            self._step(record)
-        elif isinstance(record, Event):
-            self._events.append(record)
-        elif isinstance(record, RunStart):
-            depth = self.layer_depth
-            if depth is None:
-                depth = record.config.get("layer_depth")
-            self._window = StepAggregator([p.name for p in record.params], depth=depth)
-            self.writer.add_text("gradwatch/run", _run_text(record), 0)
-        elif isinstance(record, RunSummary):
-            self._flush_events()
-            self._emit()
-            step = record.last_step if record.last_step is not None else 0
-            self.writer.add_text("gradwatch/summary", _summary_text(record), step)
-            self.writer.flush()
+    # ---------------------------------------------------------------------------- rendering
 
-    def close(self) -> None:
-        """Write what is pending and close the writer (flush only, if it was passed in)."""
+    def render_start(self, start: RunStart) -> None:
+        self.writer.add_text("gradwatch/run", _run_text(start), 0)
+
+    def render_window(self, window: StepWindow) -> None:
+        """One point per tag for the window, at its last step."""
         self._flush_events()
-        self._emit()
+        for tag, value in window_scalars(window, self.every).items():
+            self.writer.add_scalar(tag, value, window.step)
+
+    def render_event(self, event: Event) -> None:
+        self._pending.append(event)
+
+    def render_summary(self, summary: RunSummary) -> None:
+        self._flush_events()
+        step = summary.last_step if summary.last_step is not None else 0
+        self.writer.add_text("gradwatch/summary", _summary_text(summary), step)
+        self.writer.flush()
+
+    def finish(self) -> None:
+        """Close the writer (flush only, if it was passed in)."""
+        self._flush_events()
         if self._owns_writer:
             self.writer.close()
         else:
             self.writer.flush()
 
-    # ------------------------------------------------------------------------------ writing
-
-    def _step(self, report: StepReport) -> None:
-        if self._window is None:
-            names = list(report.param_norms.names)
-            self._window = StepAggregator(names, depth=self.layer_depth)
-        self._window.update(report)
-        self._clip_min = min(self._clip_min, report.clip_coef)
-        if self._window.steps >= self.every:
-            self._emit()
-
-    def _emit(self) -> None:
-        """One point per tag for the current window, at its last step."""
-        window = self._window
-        if window is None or not window.steps:
-            return
-        s = window.summary()
-        step = s.last_step
-        add = self.writer.add_scalar
-        if self.every == 1:
-            add("grad_norm/global", s.global_last, step)
-            layers = [layer.last for layer in s.layers]
-        else:
-            add("grad_norm/global", s.global_max, step)  # NaN if no step was finite
-            add("grad_norm/global_mean", s.global_mean, step)
-            add("grad_norm/clip_rate", s.clip_rate, step)
-            # largest finite norm of each layer; where none was finite, its last (NaN/inf) value
-            layers = [layer.max if layer.steps else layer.last for layer in s.layers]
-        add("grad_norm/clip_coef", self._clip_min, step)
-        for layer, value in zip(s.layers, layers):
-            add(f"grad_norm/{layer.name}", value, step)
-        window.reset()
-        self._clip_min = math.inf
-
     def _flush_events(self) -> None:
-        if not self._events:
+        """The events so far, one text entry per step (TensorBoard shows one entry per step)."""
+        if not self._pending:
             return
         by_step: dict[int, list[str]] = {}
-        for event in self._events:
+        for event in self._pending:
             by_step.setdefault(event.step, []).append(f"**{event.kind}**: {event.message}")
         for step, lines in by_step.items():
             self.writer.add_text("gradwatch/events", "\n\n".join(lines), step)
-        self._events = []
+        self._pending = []
+
+
+def window_scalars(window: StepWindow, every: int) -> dict[str, float]:
+    """The ``grad_norm/*`` values of one window (see the module docstring), layers last."""
+    s = window.stats
+    if every == 1:
+        out = {"grad_norm/global": s.global_last}
+    else:
+        out = {
+            "grad_norm/global": s.global_max,  # NaN if no step was finite
+            "grad_norm/global_mean": s.global_mean,
+            "grad_norm/clip_rate": s.clip_rate,
+        }
+    out["grad_norm/clip_coef"] = window.clip_min  # NaN when no step had a finite factor
+    for layer, value in zip(s.layers, window.layer_peaks):
+        out[f"grad_norm/{layer.name}"] = float(value)
+    return out
 
 
 def _run_text(start: RunStart) -> str:

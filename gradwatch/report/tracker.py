@@ -1,9 +1,9 @@
 """The experiment-tracker sinks' shared mechanics: windows of steps, alerts, the final summary.
 
-:class:`TrackerSink` owns what every tracker sink does alike: it aggregates the steps of each
-window of ``every`` steps (every step counts, see :class:`~gradwatch.report.base.StepAggregator`),
-turns the window into the metric keys below, passes on each kind of alert the first time it
-happens, and hands over the final summary. A subclass (:class:`~gradwatch.report.wandb_sink.
+:class:`TrackerSink` owns what every tracker sink does alike. As a
+:class:`~gradwatch.report.windowed.WindowedSink` it gets each window of ``every`` steps (every step
+counts); it turns the window into the metric keys below, passes on each kind of alert the first
+time it happens, and hands over the final summary. A subclass (:class:`~gradwatch.report.wandb_sink.
 WandbSink`, :class:`~gradwatch.report.mlflow_sink.MLflowSink`) only writes these to its tracker.
 
 Window metrics (one point per window, at the window's last step), the keys of
@@ -24,17 +24,17 @@ Window metrics (one point per window, at the window's last step), the keys of
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from gradwatch.config import check_int
 from gradwatch.errors import ConfigError, ConfigTypeError
-from gradwatch.records import Event, Finding, Record, RunStart, RunSummary, StepReport
-from gradwatch.report.base import Sink, StepAggregator, window_due
-from gradwatch.report.console import fmt
+from gradwatch.records import Event, Finding, RunStart, RunSummary
+from gradwatch.report.stats import LayerGroups
+from gradwatch.report.tensorboard import window_scalars
+from gradwatch.report.text import fmt
+from gradwatch.report.windowed import StepWindow, WindowedSink
 
 __all__ = [
     "ALERT_LEVELS",
@@ -87,7 +87,7 @@ class Window:
     events: tuple[Event, ...]
 
 
-class TrackerSink(Sink):
+class TrackerSink(WindowedSink):
     """Base class of the experiment-tracker sinks: subclasses write what this class prepares.
 
     A subclass implements :meth:`log_window`, :meth:`log_alert` and :meth:`log_summary`, and
@@ -113,17 +113,11 @@ class TrackerSink(Sink):
         layer_depth: int | None = None,
         layers: str | Sequence[str] | None = None,
     ) -> None:
-        self.every = check_int("every", every)
-        if layer_depth is not None:
-            check_int("layer_depth", layer_depth)
-        self.layer_depth = layer_depth
+        super().__init__(every=every, layer_depth=layer_depth)
         self.layers = layer_patterns("layers", layers)
         self.events: list[Event] = []
         self.alert_count = 0
-        self._window: StepAggregator | None = None
         self._keep: np.ndarray | None = None  # which layers get a grad_norm/<layer> key
-        self._clip_min = math.inf
-        self._new_events: list[Event] = []
         self._kinds_seen: set[str] = set()
 
     # ----------------------------------------------------------------- for subclasses
@@ -143,92 +137,38 @@ class TrackerSink(Sink):
         """The final summary with its findings, and the run's alerts (after the last window)."""
         raise NotImplementedError
 
-    def finish(self) -> None:
-        """Release what the sink holds (default: nothing). The user's run stays open."""
+    # ---------------------------------------------------------------------- rendering
 
-    # ----------------------------------------------------------------------- records
+    def layer_groups(self, names: Sequence[str], depth: int | None) -> LayerGroups:
+        groups = super().layer_groups(names, depth)
+        self._keep = match_layers(groups.layers, self.layers)
+        return groups
 
-    def next_due(self, step: int) -> int:
-        """Each window as soon as it is complete, so its point lands next to the step's own logs."""
-        return window_due(step, self.every, self._window.steps if self._window else 0)
+    def render_start(self, start: RunStart) -> None:
+        self.log_start(start)
 
-    def write(self, record: Record) -> None:
-        if isinstance(record, StepReport):
-            self._step(record)
-        elif isinstance(record, Event):
-            self._event(record)
-        elif isinstance(record, RunStart):
-            depth = self.layer_depth
-            if depth is None:
-                depth = record.config.get("layer_depth")
-            self._start_window([p.name for p in record.params], depth)
-            self.log_start(record)
-        elif isinstance(record, RunSummary):
-            self._emit()
-            self.log_summary(record, tuple(self.events))
+    def render_window(self, window: StepWindow) -> None:
+        metrics = window_scalars(window, self.every)
+        s = window.stats
+        metrics[PREFIX + "nan_steps"] = float(s.nonfinite_steps)
+        metrics[PREFIX + "skipped_steps"] = float(s.skipped_steps)
+        metrics[PREFIX + "spikes"] = float(s.spikes)
+        for layer, kept in zip(s.layers, self._keep if self._keep is not None else ()):
+            value = metrics.pop(PREFIX + layer.name)  # after the counts, only the kept ones
+            if kept:
+                metrics[PREFIX + layer.name] = value
+        self.log_window(Window(window.step, metrics, window.layer_peaks, window.events))
 
-    def close(self) -> None:
-        """Write the pending window, then :meth:`finish`."""
-        self._emit()
-        self.finish()
-
-    # ---------------------------------------------------------------------- windows
-
-    def _start_window(self, names: Sequence[str], depth: int | None) -> StepAggregator:
-        self._window = StepAggregator(names, depth=depth)
-        self._keep = match_layers(self._window.layer_names, self.layers)
-        return self._window
-
-    def _step(self, report: StepReport) -> None:
-        window = self._window
-        if window is None:
-            window = self._start_window(list(report.param_norms.names), self.layer_depth)
-        window.update(report)
-        if math.isfinite(report.clip_coef):
-            self._clip_min = min(self._clip_min, report.clip_coef)
-        if window.steps >= self.every:
-            self._emit()
-
-    def _event(self, event: Event) -> None:
+    def render_event(self, event: Event) -> None:
         self.alert_count += 1
         if len(self.events) < MAX_EVENTS:
             self.events.append(event)
-        self._new_events.append(event)
         if event.kind not in self._kinds_seen:
             self._kinds_seen.add(event.kind)
             self.log_alert(event)
 
-    def _emit(self) -> None:
-        window, keep = self._window, self._keep
-        if window is None or keep is None or not window.steps:
-            return
-        s = window.summary()
-        step = s.last_step if s.last_step is not None else 0
-        if self.every == 1:
-            layer_values = np.array([layer.last for layer in s.layers], dtype=np.float64)
-            metrics = {PREFIX + "global": s.global_last}
-        else:
-            # the largest finite norm of each layer; where none was finite, its last (NaN/inf)
-            layer_values = np.array(
-                [layer.max if layer.steps else layer.last for layer in s.layers], dtype=np.float64
-            )
-            metrics = {
-                PREFIX + "global": s.global_max,  # NaN if no step was finite
-                PREFIX + "global_mean": s.global_mean,
-                PREFIX + "clip_rate": s.clip_rate,
-            }
-        # NaN when no step of the window had a finite factor (every gradient NaN)
-        metrics[PREFIX + "clip_coef"] = self._clip_min if self._clip_min < math.inf else math.nan
-        metrics[PREFIX + "nan_steps"] = float(s.nonfinite_steps)
-        metrics[PREFIX + "skipped_steps"] = float(s.skipped_steps)
-        metrics[PREFIX + "spikes"] = float(s.spikes)
-        for layer, value, kept in zip(s.layers, layer_values, keep):
-            if kept:
-                metrics[PREFIX + layer.name] = float(value)
-        events, self._new_events = tuple(self._new_events), []
-        window.reset()
-        self._clip_min = math.inf
-        self.log_window(Window(step, metrics, layer_values, events))
+    def render_summary(self, summary: RunSummary) -> None:
+        self.log_summary(summary, tuple(self.events))
 
 
 def layer_patterns(name: str, layers: str | Sequence[str] | None) -> tuple[str, ...] | None:
