@@ -29,7 +29,9 @@ from torch import Tensor
 
 from gradwatch.collect.activations import ActivationProbe, ActivationRow, Probe
 from gradwatch.collect.distributed import is_dtensor
-from gradwatch.collect.norms import foreach_norms
+from gradwatch.collect.kernels import foreach_norms
+from gradwatch.collect.meshes import full_l2_norms
+from gradwatch.collect.norms import group_key
 from gradwatch.collect.params import WatchedParams
 from gradwatch.collect.ring import StatsRing
 
@@ -65,7 +67,7 @@ class StepProbe:
         self.captures = 0
         layout: dict[tuple[object, ...], list[int]] = {}
         for i, p in enumerate(watched.params):
-            layout.setdefault(_group_key(p), []).append(i)
+            layout.setdefault(group_key(p), []).append(i)
         self._layout = list(layout.values())
         flat = [i for idx in self._layout for i in idx]
         self._order = None if flat == list(range(len(flat))) else torch.tensor(flat, device=device)
@@ -163,14 +165,6 @@ def _update_rule(optimizer: Any) -> str | None:
     return None
 
 
-def _group_key(param: Tensor) -> tuple[object, ...]:
-    """Tensors that one foreach kernel (and, sharded, one all-reduce) can reduce together."""
-    if is_dtensor(param):
-        mesh = param.device_mesh  # type: ignore[attr-defined]
-        return (param.to_local().device, param.dtype, id(mesh), tuple(param.placements))  # type: ignore[attr-defined]
-    return (param.device, param.dtype, None, None)
-
-
 def _norms(tensors: list[Tensor]) -> Tensor:
     """Norm of each (full) tensor of one group; FSDP2 shards: one all-reduce for the group.
 
@@ -178,7 +172,5 @@ def _norms(tensors: list[Tensor]) -> Tensor:
     line up.
     """
     if is_dtensor(tensors[0]):
-        half = tensors[0].dtype in (torch.float16, torch.bfloat16)
-        norms = torch._foreach_norm(tensors, 2.0, dtype=torch.float32 if half else None)
-        return torch.stack(list(norms)).full_tensor()
+        return full_l2_norms(tensors)
     return torch.stack(foreach_norms(tensors[0].device, tensors, 2.0))

@@ -45,6 +45,7 @@ __all__ = [
     "GradCollector",
     "GradGroup",
     "foreach_norms",
+    "group_key",
     "has_foreach",
     "resolve_grad_attr",
     "sparse_values",
@@ -206,11 +207,11 @@ class GradCollector:
         return [attr(p) for p in params]
 
     def _build_layout(self) -> None:
-        """Group the parameters by :func:`_group_key`, the sparse ones apart."""
+        """Group the parameters by :func:`group_key`, the sparse ones apart."""
         params, device, dtype = self.params, self.device, self.dtype
         layout: dict[tuple[object, ...], list[int]] = {}
         for i, p in enumerate(params):
-            layout.setdefault(_group_key(p), []).append(i)
+            layout.setdefault(group_key(p), []).append(i)
         if self._sparse:
             layout = _split_sparse(layout, self._sparse)
         self._layout = layout
@@ -249,7 +250,7 @@ class GradCollector:
             return GradBatch([], [], [], reduce=reduce) if self._stages is not None else None
         by_key: dict[tuple[object, ...], list[int]] = {}
         for i in positions:
-            by_key.setdefault(_group_key(params[i]), []).append(i)
+            by_key.setdefault(group_key(params[i]), []).append(i)
         if self._sparse:
             by_key = _split_sparse(by_key, self._sparse)
         groups = [
@@ -360,7 +361,7 @@ class GradCollector:
         return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
 
-def _group_key(param: Tensor) -> tuple[object, ...]:
+def group_key(param: Tensor) -> tuple[object, ...]:
     """(device, dtype, mesh, sparse) of a parameter's gradient; mesh is None for plain tensors.
 
     ``sparse`` is always False here: only the gradients tell, see :func:`_split_sparse`.
