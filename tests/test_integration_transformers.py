@@ -296,3 +296,19 @@ def test_outside_a_trainer_the_callback_warns_that_report_to_misses_the_keys() -
 def test_layers_pattern_that_matches_nothing_stops_training_naming_the_layers(tmp_path) -> None:
     with pytest.raises(gw.ConfigError, match=r"'block\.\*' matches no layer; the layers are "):
         _train(tmp_path, GradWatchCallback(layers="block.*"))
+
+
+def test_state_round_trips_and_every_sink_gets_the_trainers_clipping(tmp_path) -> None:
+    log = tmp_path / "run.jsonl"
+    callback = GradWatchCallback(sinks=[gw.JsonlSink(log)])
+    _train(tmp_path / "first", callback)
+    assert callback.state_key == "GradWatchCallback"
+    saved = callback.state_dict()
+    assert saved["watch"]["step"] == 6
+    # The summary the sinks got counts the steps the Trainer clipped (all 6), as callback.summary.
+    assert gw.read_run(log).summary.clipped_steps == callback.summary.clipped_steps == 6
+
+    resumed = GradWatchCallback(sinks=[])
+    resumed.load_state_dict(saved)  # before training: applied when it begins
+    _train(tmp_path / "resumed", resumed)
+    assert [r.step for r in resumed.history] == list(range(6, 12))  # continues the step count

@@ -204,3 +204,55 @@ def test_broken_pipe_raises_and_leaves_stdout_and_the_console_handler_alone(tmp_
     assert (tmp_path / "stdout.txt").read_text() == "stdout alive\n"
     assert "on_broken_pipe" not in vars(plain)  # rich's handler again for the user's prints
     assert vars(handled)["on_broken_pipe"] is users_handler
+
+
+def _deep(depth: int = 20) -> nn.Sequential:
+    """``depth`` Linear layers with one constant weight: the middle layers' rows read alike."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        linear = nn.Linear(4, 4 if i < depth - 1 else 1, bias=False)
+        nn.init.constant_(linear.weight, 0.25)  # a gain of 1 per layer: trains steadily
+        layers += [linear, nn.ReLU()] if i < depth - 1 else [linear]
+    return nn.Sequential(*layers)
+
+
+def test_a_real_run_in_an_80_column_file_loses_nothing(tmp_path):
+    """A 20-layer run with a spike and a NaN, printed to a file (not a terminal) at 80 columns."""
+    path = tmp_path / "slurm.out"
+    with open(path, "w", encoding="utf-8") as file:
+        console = Console(file=file, width=80)
+        detector = gw.SpikeDetector(warmup=3)
+        sink = gw.ConsoleSink(every=5, console=console)
+        _train(sink, steps=12, model=_deep(), spike_at=6, nan_at=9, spike_detector=detector)
+    out = path.read_text(encoding="utf-8")
+    lines = out.splitlines()
+    assert "\x1b[" not in out
+    assert not re.search(r"\d…|…\d|\d\.\.\.", out)  # no number cut short
+    alerts = [line for line in lines if line.startswith("gradwatch ⚠")]
+    assert any("spike" in a for a in alerts) and any("NaN" in a for a in alerts)
+    # Every line fits, except alerts: one whole line each, so grep finds them complete.
+    assert all(len(line) <= 80 for line in lines if line not in alerts)
+    # Every number in the table parses.
+    rows = [line for line in lines if line.startswith("│")]
+    for row in rows:
+        for cell in row.split("│")[2:-1]:
+            if cell.strip():
+                float(cell)
+    # The alike middle layers fold into one row naming the first and the last.
+    names: list[str] = []  # a name folded over several lines is one name again
+    for row in rows:
+        cells = row.split("│")
+        if cells[2].strip() or not names:
+            names.append(cells[1].strip())
+        else:
+            names[-1] += " " + cells[1].strip()
+    folded = [re.sub(r"- ", "-", n) for n in names if "alike" in n]
+    assert folded and re.fullmatch(r"layers \d+-\d+ \(\d+ alike\)", folded[0])
+    first, last, count = map(int, re.findall(r"\d+", folded[0]))
+    assert (last - first) // 2 + 1 == count >= 3  # Linear layers are every other module
+    assert len(rows) < 20
+    # Layer names in running text are quoted: "top: `38` 1.2", never "top: 38 1.2".
+    window = _logical(out)
+    tops = [line.split("top: ")[1] for line in window if "top: " in line]
+    assert tops and all(part.startswith("`") for top in tops for part in top.split(", "))

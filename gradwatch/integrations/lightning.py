@@ -18,28 +18,22 @@ optimizer step pre-hook, run after Lightning's closure), and reports it as ``cli
 Metrics go through ``pl_module.log`` to the trainer's loggers every ``log_every_n_steps``
 optimizer steps, aggregated over the steps since the last log (see
 :class:`~gradwatch.integrations.WindowStats` for the keys); the summary table is printed when fit
-ends.
+ends. The callback is an adapter: what it does without Lightning lives in
+:class:`~gradwatch.integrations.core.CallbackCore`; here each hook only hands the core its step.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-from collections import deque
-from collections.abc import Sequence
 from typing import Any
 
 import torch
+from typing_extensions import override
 
 from gradwatch._optional import MissingExtraError, require
-from gradwatch.act.clip import Clipper
-from gradwatch.config import NonFinitePolicy, SpikePolicy, check_int
 from gradwatch.errors import ConfigError
-from gradwatch.integrations import WindowStats, post_clip_norm, start_watch
-from gradwatch.records import RunSummary, StepReport
-from gradwatch.report.base import Sink
-from gradwatch.report.tracker import layer_patterns
-from gradwatch.watch import GradWatch
+from gradwatch.integrations.core import CallbackAdapter
+from gradwatch.step_result import StepResult
 
 __all__ = ["GradWatchCallback"]
 
@@ -61,7 +55,7 @@ _UNCLOSED_WINDOW = 50
 """Steps per window when the trainer never logs (``log_every_n_steps=0``): bounds memory."""
 
 
-class GradWatchCallback(pl.Callback):
+class GradWatchCallback(CallbackAdapter, pl.Callback):
     """Watches the gradients of a Lightning run: one gradwatch check per optimizer step.
 
     The check runs after AMP unscaling and gradient accumulation and before Lightning clips
@@ -87,6 +81,9 @@ class GradWatchCallback(pl.Callback):
         **watch_options: Further :class:`~gradwatch.GradWatch` options (``layer_depth``,
             ``spike_detector``, ``forensics``, ``history``, ...).
 
+    Its state (the watcher's detectors and clipper) is saved in Lightning checkpoints under
+    :attr:`state_key` and restored when fit resumes.
+
     Attributes:
         watch: The :class:`~gradwatch.GradWatch` of the current fit (None before fit starts).
         history: Reports of the logged steps (bounded), with Lightning's clipping filled in:
@@ -98,74 +95,54 @@ class GradWatchCallback(pl.Callback):
             at fit start, a ``layers`` pattern matches no layer.
     """
 
-    def __init__(
-        self,
-        *,
-        clip: Clipper | None = None,
-        on_nonfinite: NonFinitePolicy = "warn",
-        on_spike: SpikePolicy = "warn",
-        sinks: list[Sink] | None = None,
-        top_k: int | None = 3,
-        layers: str | Sequence[str] | None = None,
-        **watch_options: Any,
-    ) -> None:
-        super().__init__()
-        self.clip = clip
-        self.on_nonfinite = on_nonfinite
-        self.on_spike = on_spike
-        self.sinks = sinks
-        self.top_k = None if top_k is None else check_int("top_k", top_k, minimum=0)
-        self.layers = layer_patterns("layers", layers)
-        self.watch_options = watch_options
-        self.watch: GradWatch | None = None
-        self.history: deque[StepReport] = deque(maxlen=watch_options.get("history", 256))
-        self.summary: RunSummary | None = None
-        self._window: WindowStats | None = None
+    @override
+    def _reset(self) -> None:
         self._params: list[torch.Tensor] = []
         self._handles: list[Any] = []
-        self._lightning_clips = False
-        self._skips = False
-        self._report: StepReport | None = None  # checked, optimizer step not yet seen
+        self._report: StepResult | None = None  # checked, optimizer step not yet seen
         self._post: torch.Tensor | None = None
         self._stepped = False
         self._loss: torch.Tensor | None = None
-        self._clipped = 0  # steps Lightning clipped, over the run
-        self._state: dict[str, Any] | None = None  # loaded before the watcher existed
-        self._final_state: dict[str, Any] | None = None  # the last fit's, once it closed
+
+    @property
+    @override
+    def state_key(self) -> str:
+        """Where Lightning keeps this callback's state in a checkpoint: ``"GradWatchCallback"``.
+
+        One watcher per model is the rule, so the class name is the key (checkpoints written so
+        far keep loading).
+        """
+        return type(self).__qualname__
 
     # ----------------------------------------------------------------------------- set up
 
+    @override
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit" and self.clip is not None and trainer.gradient_clip_val:
+        clip = self.core.clip
+        if stage == "fit" and clip is not None and trainer.gradient_clip_val:
             raise ConfigError(
-                f"GradWatchCallback(clip={self.clip!r}) and Trainer(gradient_clip_val="
+                f"GradWatchCallback(clip={clip!r}) and Trainer(gradient_clip_val="
                 f"{trainer.gradient_clip_val!r}) would both clip the gradients; keep one: remove "
                 "gradient_clip_val to let gradwatch clip, or pass clip=None to let Lightning clip "
                 "(gradwatch then reports the norm before and after Lightning's clipping)"
             )
 
+    @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._close()
-        self._lightning_clips = bool(trainer.gradient_clip_val) or _overrides_clipping(pl_module)
-        self.watch, self._window = start_watch(
-            self,
+        self.core.start(
             pl_module,
             is_main_process=trainer.is_global_zero,
-            framework_clips=self._lightning_clips,
+            framework_clips=bool(trainer.gradient_clip_val) or _overrides_clipping(pl_module),
         )
         self._params = [p for p in pl_module.parameters() if p.requires_grad]
-        self._skips = "skip" in (self.on_nonfinite, self.on_spike)
         self._handles = [
             opt.register_step_pre_hook(self._before_step) for opt in trainer.optimizers
         ]
-        self._clipped = 0
-        self.summary = None
-        if self._state is not None:
-            self.watch.load_state_dict(self._state)
-            self._state = None
 
     # ----------------------------------------------------------------------- each step
 
+    @override
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         # Lightning divides the loss by accumulate_grad_batches: the sum over the micro-batches is
         # their mean. Under 16-mixed the loss here is scaled; it is left out then.
@@ -174,11 +151,13 @@ class GradWatchCallback(pl.Callback):
         loss = loss.detach()
         self._loss = loss if self._loss is None else self._loss + loss
 
+    @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        if self.watch is None or self.watch.closed:
+        watch = self.core.watch
+        if watch is None or watch.closed:
             return
         loss, self._loss = self._loss, None
-        self._report = self.watch.check(loss=loss)
+        self._report = watch.check(loss=loss)
         self._post = None
         self._stepped = False
 
@@ -205,53 +184,47 @@ class GradWatchCallback(pl.Callback):
         if self._report is None:
             return
         self._stepped = True
-        skipped = self._skips and self._report.skipped  # read only if a policy can skip
-        if self._lightning_clips and not skipped and self.watch is not None:
-            self._post = post_clip_norm(self._params, self.watch.settings.norm_type)
+        self._post = self.core.post_clip(self._params, self._report)
 
+    @override
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._report is None or self._window is None:
+        if self._report is None or self.core.watch is None:
             return  # accumulating: no optimizer step in this batch
         report, self._report = self._report, None
         scaler_skipped = not self._stepped and not report.skipped  # GradScaler found inf/NaN
-        self._window.add(report, self._post, skipped=scaler_skipped)
+        self.core.add(report, self._post, skipped=scaler_skipped)
         self._post = None
         every = trainer.log_every_n_steps
         if every and trainer.global_step % every == 0:
-            metrics = self._close_window()
+            metrics = self.core.close_window()
             if metrics:
                 pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-        elif not every and len(self._window) >= _UNCLOSED_WINDOW:
-            self._close_window()
-
-    def _close_window(self) -> dict[str, float]:
-        if self._window is None:
-            return {}
-        metrics, reports = self._window.close()
-        self.history.extend(reports)
-        if self._lightning_clips:
-            self._clipped += sum(r.clipped for r in reports)
-        return metrics
+        elif not every and self.core.pending() >= _UNCLOSED_WINDOW:
+            self.core.close_window()
 
     # ------------------------------------------------------------------------------- end
 
+    @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._window is None or not len(self._window):
+        if not self.core.pending():
             return
-        metrics = self._close_window()  # the steps since the last log
+        metrics = self.core.close_window()  # the steps since the last log
         if metrics and trainer.is_global_zero and trainer.log_every_n_steps:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=max(trainer.global_step - 1, 0))
                 logger.save()
 
+    @override
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._close()
 
+    @override
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._close()
 
+    @override
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
             self._close()
@@ -260,36 +233,20 @@ class GradWatchCallback(pl.Callback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if self.watch is not None and not self.watch.closed:
-            if self._window is not None and len(self._window):
-                self._close_window()
-            self._final_state = self.watch.state_dict()
-            self.summary = self._count_clipped(self.watch.close())
+        self.core.close()
         self._report = None
-
-    def _count_clipped(self, summary: RunSummary) -> RunSummary:
-        if not self._lightning_clips:
-            return summary
-        return dataclasses.replace(summary, clipped_steps=self._clipped)
 
     # ----------------------------------------------------------------------------- state
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """The watcher's state (detectors, clipper), saved in Lightning checkpoints."""
-        if self.watch is not None and not self.watch.closed:
-            return {"watch": self.watch.state_dict()}
-        state = self._state if self._state is not None else self._final_state
-        return {"watch": state} if state is not None else {}
+        return self.core.state_dict()
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; applied when fit starts if the watcher does not exist yet."""
-        state = state_dict.get("watch")
-        if state is None:
-            return
-        if self.watch is not None and not self.watch.closed:
-            self.watch.load_state_dict(state)
-        else:
-            self._state = state
+        self.core.load_state_dict(state_dict)
 
 
 def _overrides_clipping(pl_module: Any) -> bool:

@@ -38,24 +38,18 @@ Trainer's ``CallbackHandler`` calling it. If it cannot, it warns once and the ke
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import warnings
-from collections import deque
-from collections.abc import Sequence
 from typing import Any
 
 import torch
+from typing_extensions import override
 
 from gradwatch._optional import require
-from gradwatch.act.clip import Clipper
-from gradwatch.config import NonFinitePolicy, SpikePolicy, check_int
 from gradwatch.errors import ConfigError, GradWatchWarning
-from gradwatch.integrations import AfterBackward, WindowStats, post_clip_norm, start_watch
-from gradwatch.records import RunSummary, StepReport
-from gradwatch.report.base import Sink
-from gradwatch.report.tracker import layer_patterns
-from gradwatch.watch import GradWatch
+from gradwatch.integrations.backward import AfterBackward
+from gradwatch.integrations.core import CallbackAdapter
+from gradwatch.step_result import StepResult
 
 __all__ = ["GradWatchCallback"]
 
@@ -70,7 +64,7 @@ _UNCLOSED_WINDOW = 50
 """Steps per window when the Trainer never logs: bounds memory."""
 
 
-class GradWatchCallback(_transformers.TrainerCallback):
+class GradWatchCallback(CallbackAdapter, _transformers.TrainerCallback):
     """Watches the gradients of a Hugging Face ``Trainer`` run: one check per optimizer step.
 
     The check sees the accumulated, synchronised gradients before the Trainer clips them; the
@@ -95,6 +89,12 @@ class GradWatchCallback(_transformers.TrainerCallback):
         **watch_options: Further :class:`~gradwatch.GradWatch` options (``layer_depth``,
             ``spike_detector``, ``forensics``, ``history``, ...).
 
+    Its state (the watcher's detectors and clipper) is :meth:`state_dict`, under
+    :attr:`state_key`: save it next to the Trainer's checkpoint and :meth:`load_state_dict` it
+    before resuming. (The Trainer's own callback state, ``ExportableState``, is not used: on
+    resume it rebuilds a callback from JSON constructor arguments, which cannot hold a clipper or
+    sinks, and only with ``restore_callback_states_from_checkpoint=True``.)
+
     Attributes:
         watch: The :class:`~gradwatch.GradWatch` of the current run (None before training).
         history: Reports of the logged steps (bounded), with the Trainer's clipping filled in:
@@ -106,62 +106,49 @@ class GradWatchCallback(_transformers.TrainerCallback):
             ``layers`` pattern matches no layer.
     """
 
-    def __init__(
-        self,
-        *,
-        clip: Clipper | None = None,
-        on_nonfinite: NonFinitePolicy = "warn",
-        on_spike: SpikePolicy = "warn",
-        sinks: list[Sink] | None = None,
-        top_k: int | None = 3,
-        layers: str | Sequence[str] | None = None,
-        **watch_options: Any,
-    ) -> None:
-        self.clip = clip
-        self.on_nonfinite = on_nonfinite
-        self.on_spike = on_spike
-        self.sinks = sinks
-        self.top_k = None if top_k is None else check_int("top_k", top_k, minimum=0)
-        self.layers = layer_patterns("layers", layers)
-        self.watch_options = watch_options
-        self.watch: GradWatch | None = None
-        self.history: deque[StepReport] = deque(maxlen=watch_options.get("history", 256))
-        self.summary: RunSummary | None = None
-        self._window: WindowStats | None = None
+    @override
+    def _reset(self) -> None:
         self._params: list[torch.Tensor] = []
         self._after_backward: AfterBackward | None = None
-        self._trainer_clips = False
-        self._skips = False
         self._check_before_step = False  # fp16: check in on_pre_optimizer_step instead
-        self._report: StepReport | None = None
+        self._report: StepResult | None = None
         self._post: torch.Tensor | None = None
         self._scheduler_hold: Any = None  # optimizer whose skip flag we set
         self._gradient_state: Any = None
-        self._clipped = 0
+
+    @property
+    def state_key(self) -> str:
+        """The name to save :meth:`state_dict` under: ``"GradWatchCallback"``, as in Lightning."""
+        return type(self).__qualname__
+
+    def state_dict(self) -> dict[str, Any]:
+        """The watcher's state (detectors, clipper), to save with a checkpoint."""
+        return self.core.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; applied when training begins if it has not yet."""
+        self.core.load_state_dict(state_dict)
 
     # ----------------------------------------------------------------------------- set up
 
+    @override
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._close()
         _run_before_reporters(self)
         max_norm = args.max_grad_norm or 0.0
-        if self.clip is not None and max_norm > 0:
+        clip = self.core.clip
+        if clip is not None and max_norm > 0:
             raise ConfigError(
-                f"GradWatchCallback(clip={self.clip!r}) and TrainingArguments(max_grad_norm="
+                f"GradWatchCallback(clip={clip!r}) and TrainingArguments(max_grad_norm="
                 f"{max_norm!r}) would both clip the gradients; keep one: set max_grad_norm=0 to "
                 "let gradwatch clip, or pass clip=None to let the Trainer clip (gradwatch then "
                 "reports the norm before and after the Trainer's clipping)"
             )
         model = kwargs["model"]
-        self._trainer_clips = max_norm > 0
-        self.watch, self._window = start_watch(
-            self,
-            model,
-            is_main_process=state.is_world_process_zero,
-            framework_clips=self._trainer_clips,
+        self.core.start(
+            model, is_main_process=state.is_world_process_zero, framework_clips=max_norm > 0
         )
         self._params = [p for p in model.parameters() if p.requires_grad]
-        self._skips = "skip" in (self.on_nonfinite, self.on_spike)  # else no need to read a report
         scaler = getattr(kwargs.get("optimizer"), "scaler", None)
         self._check_before_step = scaler is not None and scaler.is_enabled()
         if self._check_before_step:
@@ -175,72 +162,68 @@ class GradWatchCallback(_transformers.TrainerCallback):
         else:
             self._after_backward = AfterBackward(self._params, self._on_backward_end)
         self._gradient_state = _GradientState()  # accelerate's: is this the last micro-batch?
-        self._clipped = 0
-        self.summary = None
 
     # ----------------------------------------------------------------------- each step
 
     def _on_backward_end(self) -> None:
         """End of a backward pass: check if it completes the accumulation of an optimizer step."""
-        if self.watch is None or self.watch.closed or not self._gradient_state.sync_gradients:
+        watch = self.core.watch
+        if watch is None or watch.closed or not self._gradient_state.sync_gradients:
             return
         if self._report is None:  # once per step (a second backward, e.g. a penalty, is ignored)
-            self._report = self.watch.check()
+            self._report = watch.check()
 
+    @override
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.watch is None:
+        watch = self.core.watch
+        if watch is None:
             return
         if self._check_before_step or self._report is None:
-            self._report = self.watch.check()
-        elif self._trainer_clips and not (self._skips and self._report.skipped):
-            self._post = post_clip_norm(self._params, self.watch.settings.norm_type)
+            self._report = watch.check()
+        else:
+            self._post = self.core.post_clip(self._params, self._report)
 
+    @override
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         optimizer = kwargs.get("optimizer")
         report = self._report
-        skipped = self._skips and report is not None and report.skipped  # read only if it can be
+        skipped = self.core.skips and report is not None and report.skipped  # read if it can be
         if skipped and hasattr(optimizer, "_is_overflow"):
             # Tell the Trainer the step was skipped, as accelerate does for a GradScaler skip, so
             # that it does not advance the LR scheduler (reset in on_step_end).
             optimizer._is_overflow = True
             self._scheduler_hold = optimizer
 
+    @override
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._scheduler_hold is not None:
             self._scheduler_hold._is_overflow = False
             self._scheduler_hold = None
         report, self._report = self._report, None
         post, self._post = self._post, None
-        if report is None or self._window is None:
+        if report is None or self.core.watch is None:
             return
         optimizer = kwargs.get("optimizer")
         scaler_skipped = bool(getattr(optimizer, "step_was_skipped", False)) and not report.skipped
-        self._window.add(report, post, skipped=scaler_skipped)
-        if len(self._window) >= _UNCLOSED_WINDOW and not _logs_steps(args):
-            self._close_window()
+        self.core.add(report, post, skipped=scaler_skipped)
+        if self.core.pending() >= _UNCLOSED_WINDOW and not _logs_steps(args):
+            self.core.close_window()
 
+    @override
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-        if logs is None or self._window is None or not len(self._window):
+        if logs is None or not self.core.pending():
             return
         if "loss" not in logs and "train_loss" not in logs:
             return  # an evaluation's log
-        metrics = self._close_window()
+        metrics = self.core.close_window()
         logs.update(metrics)
         history = state.log_history
         if history and history[-1].get("step") == state.global_step:
             history[-1].update(metrics)  # the Trainer stored a copy of logs just before
 
-    def _close_window(self) -> dict[str, float]:
-        if self._window is None:
-            return {}
-        metrics, reports = self._window.close()
-        self.history.extend(reports)
-        if self._trainer_clips:
-            self._clipped += sum(r.clipped for r in reports)
-        return metrics
-
     # ------------------------------------------------------------------------------- end
 
+    @override
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._close()
 
@@ -248,16 +231,8 @@ class GradWatchCallback(_transformers.TrainerCallback):
         if self._after_backward is not None:
             self._after_backward.remove()
             self._after_backward = None
-        if self.watch is not None and not self.watch.closed:
-            if self._window is not None and len(self._window):
-                self._close_window()
-            self.summary = self._count_clipped(self.watch.close())
+        self.core.close()
         self._report = None
-
-    def _count_clipped(self, summary: RunSummary) -> RunSummary:
-        if not self._trainer_clips:
-            return summary
-        return dataclasses.replace(summary, clipped_steps=self._clipped)
 
 
 def _run_before_reporters(callback: GradWatchCallback) -> None:

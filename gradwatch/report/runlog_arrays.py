@@ -147,25 +147,24 @@ class RunLog:
         groups = LayerGroups(self.names, depth)
         norms, has = self._layers(groups, peak=False)
         aggregator = StepAggregator.of(groups)
+        fields = ("step", "global_norm", "clip_coef", "spike", "loss_spike", "skipped", "nonfinite")
+        steps = {name: getattr(self, name) for name in fields}
+        windows = {
+            "window_steps": self.window_steps,
+            "peak_global": self.peak_global_norm,
+            "peak_layers": self._layers(groups, peak=True)[0],
+            "totals": self.window_totals,
+        }
+        origins = [(e.step, e.params[0]) for e in self.events if e.kind == "nonfinite" and e.params]
+        culprits = [column for _, columns in self.spike_columns for column in columns]
         aggregator.add_steps(
             StepColumns(
-                step=self.step,
-                global_norm=self.global_norm,
-                clip_coef=self.clip_coef,
-                spike=self.spike,
-                loss_spike=self.loss_spike,
-                skipped=self.skipped,
-                nonfinite=self.nonfinite,
+                **steps,
                 layer_norms=norms,
                 layer_present=has,
-                origins=[
-                    (e.step, e.params[0]) for e in self.events if e.kind == "nonfinite" and e.params
-                ],
-                culprits=[column for _, columns in self.spike_columns for column in columns],
-                window_steps=self.window_steps,
-                peak_global=self.peak_global_norm,
-                peak_layers=self._layers(groups, peak=True)[0],
-                totals=self.window_totals,
+                origins=origins,
+                culprits=culprits,
+                **windows,
             )
         )
         return aggregator.summary()

@@ -25,6 +25,9 @@ __all__ = ["COUNTS", "LayerGroups", "StepAggregator", "StepColumns"]
 COUNTS = ("clipped", "spikes", "loss_spikes", "nonfinite", "skipped")
 """The step counts a window or a run keeps, by the names of the JSONL window record."""
 
+_COUNT_FIELDS = ("clipped_steps", "spikes", "loss_spikes", "nonfinite_steps", "skipped_steps")
+"""The :class:`RunSummary` fields of :data:`COUNTS`, in the same order."""
+
 
 class LayerGroups:
     """Parameters grouped into layers, and layer norms from parameter norms.
@@ -328,20 +331,20 @@ class StepAggregator:
             for i, name in enumerate(self.layer_names if layers else ())
         )
         found = self._g_count > 0
-        clipped, spikes, loss_spikes, nonfinite, skipped = (int(n) for n in self._counts)
+        norms = {
+            "global_min": self._g_min if found else math.nan,
+            "global_mean": self._g_sum / self._g_count if found else math.nan,
+            "global_max": self._g_max if self._g_max > -math.inf else math.nan,
+            "global_last": self._g_last,
+        }
+        counts = dict(zip(_COUNT_FIELDS, (int(n) for n in self._counts)))
+        origins = tuple(self._origins)
         return RunSummary(
-            steps=self.steps,
-            first_step=self.first_step,
-            last_step=self.last_step,
-            global_min=self._g_min if found else math.nan,
-            global_mean=self._g_sum / self._g_count if found else math.nan,
-            global_max=self._g_max if self._g_max > -math.inf else math.nan,
-            global_last=self._g_last,
-            clipped_steps=clipped,
-            spikes=spikes,
-            loss_spikes=loss_spikes,
-            nonfinite_steps=nonfinite,
-            skipped_steps=skipped,
+            self.steps,
+            self.first_step,
+            self.last_step,
+            **norms,
+            **counts,
             layers=rows,
-            nonfinite_origins=tuple(self._origins),
+            nonfinite_origins=origins,
         )
