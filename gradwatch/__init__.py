@@ -39,12 +39,12 @@ if TYPE_CHECKING:
         RunSummary,
         StepReport,
     )
-    from gradwatch.report.sink import Sink
     from gradwatch.report.console import ConsoleSink
     from gradwatch.report.jsonl import JsonlSink, RunLogExistsError
     from gradwatch.report.logging import LoggingSink
     from gradwatch.report.mlflow_sink import MLflowSink
     from gradwatch.report.runlog import RunLog, RunLogError, RunLogNotFoundError, read_run
+    from gradwatch.report.sink import Sink
     from gradwatch.report.tensorboard import TensorBoardSink
     from gradwatch.report.wandb_sink import WandbSink
     from gradwatch.report.windowed import StepWindow, WindowedSink
