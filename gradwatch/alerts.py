@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping
 
 from gradwatch.detect.health import NonFiniteOrigin
-from gradwatch.diagnosis.wording import where
+from gradwatch.diagnosis.wording import times, where
 from gradwatch.errors import GradientSpikeError, GradWatchError, NonFiniteGradientError
 from gradwatch.records import Event, StepReport
 
@@ -39,6 +39,7 @@ def step_events(
     owner_types: Mapping[str, str],
     origin: NonFiniteOrigin | None = None,
     growth: float | None = None,
+    ratio: float | None = None,
     cause: str | None = None,
 ) -> list[Event]:
     """The events of one step, most important first.
@@ -51,6 +52,8 @@ def step_events(
         origin: Where NaN/Inf started, when forensics or the health detector found it.
         growth: On a spike that no parameter drives alone: how much every parameter's norm grew
             relative to its own history (median ratio).
+        ratio: On a spike: the global norm over the median of the recent healthy norms, the
+            same number (and definition) the run's spike finding states.
         cause: The probable cause, for the first event of an incident (None otherwise).
     """
     events = []
@@ -80,7 +83,7 @@ def step_events(
         data = {"global_norm": report.global_norm, "largest": largest[0]}
         events.append(Event(report.step, "nonfinite", message, (largest[0],), data))
     if report.spike:
-        events.append(_spike_event(report, taken, growth))
+        events.append(_spike_event(report, taken, growth, ratio))
     if report.loss_spike:
         message = f"step {report.step}: loss spike {fmt(report.loss)}"
         events.append(Event(report.step, "loss_spike", message, (), {"loss": report.loss}))
@@ -174,17 +177,22 @@ def _nonfinite_event(
     return Event(report.step, "nonfinite", message, params, data)
 
 
-def _spike_event(report: StepReport, taken: str, growth: float | None) -> Event:
+def _spike_event(
+    report: StepReport, taken: str, growth: float | None, ratio: float | None
+) -> Event:
     threshold = report.spike_threshold or math.nan
     if report.spike_params:
         drivers = f"driven by {', '.join(report.spike_params)}"
     elif growth is not None and math.isfinite(growth):
-        drivers = f"every parameter grew alike (x{growth:.3g} its usual norm)"
+        drivers = "every parameter grew alike"
     else:
         drivers = "no parameter's history to compare with yet"
+    size = ""
+    if ratio is not None and math.isfinite(ratio):
+        size = f", {times(ratio)} the recent healthy norm"
     what = taken or (f"clipped to {fmt(report.clipped_norm)}" if report.clipped else "reported")
     message = (
-        f"step {report.step}: gradient norm spike {fmt(report.global_norm)} "
+        f"step {report.step}: gradient norm spike {fmt(report.global_norm)}{size} "
         f"(threshold {fmt(threshold)}); {drivers}; {what}"
     )
     data = {"global_norm": report.global_norm, "threshold": threshold}

@@ -321,6 +321,7 @@ class Emission:
                 owner_types=self.owner_types,
                 origin=origin,
                 growth=growth,
+                ratio=self.health_detector.incidents.last_spike_ratio if report.spike else None,
                 cause=cause,
             )
             for event in events:

@@ -80,6 +80,7 @@ class IncidentLog:
         self.spikes: list[SpikeRecord] = []
         self.loss_spikes: list[SpikeRecord] = []
         self.spike_count = self.loss_spike_count = 0
+        self.last_spike_ratio = math.nan  # the latest spike's norm over the recent healthy median
         self.origins: list[NonFiniteOrigin] = []
         self.nonfinite_count = 0
         self.loss_origins: list[NonFiniteOrigin] = []
@@ -134,6 +135,7 @@ class IncidentLog:
         if report.spike:
             level = _median(self._recent_norms)
             ratio = global_norm / level
+            self.last_spike_ratio = ratio
             self._last_spike = _episode(self._last_spike, step, ratio)
             self.spike_count += 1
             self.spikes_clipped += report.clipped

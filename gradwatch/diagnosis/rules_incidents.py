@@ -41,8 +41,14 @@ _SPIKE_FACTOR = 3.0
 _LOSS_FACTOR = 2.0
 
 
-def _advice(run: Run, cause: str, *, spikes: bool = False) -> tuple[list[str], dict[str, float]]:
-    """Remedies and computed settings for ``cause`` (clip advice only where it helps)."""
+def _advice(
+    run: Run, cause: str, *, spikes: bool = False, explained: bool = False
+) -> tuple[list[str], dict[str, float]]:
+    """Remedies and computed settings for ``cause`` (clip advice only where it helps).
+
+    ``explained``: the finding's evidence already says why the suggested ``max_norm`` is what it
+    is, so the clip remedy does not say it again.
+    """
     remedies = list(REMEDIES.get(cause, ()))
     suggested: dict[str, float] = {}
     if cause == "learning_rate":
@@ -61,9 +67,9 @@ def _advice(run: Run, cause: str, *, spikes: bool = False) -> tuple[list[str], d
     limit = run.clipping.max_norm
     lower = limit is not None and threshold is not None and threshold.value < limit
     if clips and threshold is not None and (not run.clipping.on or lower):
+        why = "" if explained else f" ({threshold.why})"
         remedies.append(
-            f"clip by norm above the healthy steps: gradwatch.ClipNorm({threshold.value:.3g}) "
-            f"({threshold.why})"
+            f"clip by norm above the healthy steps: gradwatch.ClipNorm({threshold.value:.3g}){why}"
         )
         suggested["max_norm"] = threshold.value
     if run.clipping.on:
@@ -201,7 +207,7 @@ def spike_finding(run: Run) -> list[Finding]:
             f"; {run.clipping.summary(h)}, {h.spikes_clipped} of the {h.spike_count} spikes "
             "among them"
         )
-    remedies, suggested = _advice(run, cause, spikes=True)
+    remedies, suggested = _advice(run, cause, spikes=True, explained=True)
     threshold = suggest_threshold(h)
     if threshold is not None and "max_norm" in suggested:
         evidence += f"; ClipNorm({threshold.value:.3g}) {threshold.cuts(kept)}: {threshold.why}"
