@@ -49,7 +49,7 @@ from rich.console import Console
 from torch import nn
 
 from gradwatch.records import Record, RunSummary, StepReport
-from gradwatch.report.base import Sink
+from gradwatch.report.sink import Sink
 
 __all__ = [
     "DemoData",

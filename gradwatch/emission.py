@@ -38,7 +38,8 @@ from gradwatch.diagnosis.context import Run
 from gradwatch.diagnosis.incident import start_depth
 from gradwatch.diagnosis.rules_layers import dead_findings, vanishing_finding
 from gradwatch.records import Event, ParamNorms, RunStart, StepReport
-from gradwatch.report.base import NEVER, SinkGroup, StepAggregator
+from gradwatch.report.sink import NEVER, SinkGroup
+from gradwatch.report.stats import StepAggregator
 from gradwatch.step_result import StepResult
 
 __all__ = ["DRAIN_BATCH", "Emission", "Pending"]

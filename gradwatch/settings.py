@@ -17,7 +17,9 @@ from gradwatch._version import __version__
 from gradwatch.act.clip import Clipper
 from gradwatch.collect.norms import GradAttr, resolve_grad_attr
 from gradwatch.collect.pipeline import resolve_pipeline_group
-from gradwatch.config import (
+from gradwatch.errors import ConfigError, ConfigTypeError
+from gradwatch.records import ParamInfo, RunStart
+from gradwatch.validation import (
     NONFINITE_POLICIES,
     SPIKE_POLICIES,
     NonFinitePolicy,
@@ -28,8 +30,6 @@ from gradwatch.config import (
     check_rank,
     resolve_norm_type,
 )
-from gradwatch.errors import ConfigError, ConfigTypeError
-from gradwatch.records import ParamInfo, RunStart
 
 __all__ = ["WatchSettings", "check_state"]
 

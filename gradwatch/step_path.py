@@ -24,7 +24,7 @@ from gradwatch.collect.params import ParamChanges, WatchedParams
 from gradwatch.detect.health import HealthDetector
 from gradwatch.emission import Emission, Pending
 from gradwatch.errors import ConfigError, ConfigTypeError, GradWatchWarning, StateError
-from gradwatch.report.base import _outside_gradwatch
+from gradwatch.report.sink import _outside_gradwatch
 from gradwatch.settings import WatchSettings
 from gradwatch.step_result import StepResult
 

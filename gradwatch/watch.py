@@ -25,17 +25,18 @@ from gradwatch.act.clip import Clipper
 from gradwatch.collect.distributed import is_distributed, rank, unwrap_model
 from gradwatch.collect.norms import GradAttr
 from gradwatch.collect.params import resolve_params
-from gradwatch.config import NonFinitePolicy, SpikePolicy, check_instance, check_sinks
 from gradwatch.detect.health import HealthDetector
 from gradwatch.detect.spikes import ParamBaseline, SpikeDetector
 from gradwatch.diagnosis import diagnose
 from gradwatch.emission import Emission
 from gradwatch.errors import StateError
 from gradwatch.records import Finding, RunSummary, StepReport
-from gradwatch.report.base import Sink, SinkGroup, StepAggregator
+from gradwatch.report.sink import Sink, SinkGroup
+from gradwatch.report.stats import StepAggregator
 from gradwatch.settings import WatchSettings, check_state
 from gradwatch.step_path import StepPath, detached_loss
 from gradwatch.step_result import StepResult
+from gradwatch.validation import NonFinitePolicy, SpikePolicy, check_instance, check_sinks
 
 __all__ = ["BackwardScope", "GradWatch"]
 

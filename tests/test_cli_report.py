@@ -20,8 +20,8 @@ from torch import nn
 import gradwatch as gw
 from gradwatch.cli import main
 from gradwatch.records import ParamInfo, ParamNorms, RunStart, StepReport
-from gradwatch.report.console import fmt
 from gradwatch.report.jsonl import JsonlSink
+from gradwatch.report.text import fmt
 from gradwatch.report.view import run_report
 
 image = pytest.importorskip("matplotlib.image")

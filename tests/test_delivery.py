@@ -16,7 +16,7 @@ from conftest import backward, mlp
 import gradwatch as gw
 from gradwatch.emission import DRAIN_BATCH
 from gradwatch.records import Event, StepReport
-from gradwatch.report.base import NEVER, SinkGroup
+from gradwatch.report.sink import NEVER, SinkGroup
 
 
 class Recorder(gw.Sink):

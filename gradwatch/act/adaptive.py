@@ -21,14 +21,14 @@ from torch import Tensor
 
 from gradwatch.act.clip import EPS, Clipper, scale_
 from gradwatch.collect.norms import GradBatch
-from gradwatch.config import (
+from gradwatch.errors import ConfigError, ConfigTypeError
+from gradwatch.validation import (
     check_choice,
     check_int,
     check_norm_type,
     check_positive,
     check_probability,
 )
-from gradwatch.errors import ConfigError, ConfigTypeError
 
 __all__ = ["ClipPercentile", "ClipZScore", "ZScoreMode"]
 

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from gradwatch.collect.norms import GradBatch, has_foreach
-from gradwatch.config import check_norm_type, check_positive
 from gradwatch.errors import ConfigError
+from gradwatch.validation import check_norm_type, check_positive
 
 __all__ = ["ClipNorm", "ClipValue", "Clipper"]
 

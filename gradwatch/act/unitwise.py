@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from gradwatch.act.clip import Clipper
 from gradwatch.collect.kernels import foreach_norms, norm_dtype, sparse_values
 from gradwatch.collect.norms import GradBatch
-from gradwatch.config import check_positive
 from gradwatch.errors import ConfigError, ConfigTypeError, StateError
+from gradwatch.validation import check_positive
 
 __all__ = ["ClipUnitwise"]
 

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gradwatch.config import check_int
 from gradwatch.detect.health_report import INPUT, HealthReport, NonFiniteOrigin, SpikeRecord
 from gradwatch.detect.incidents import IncidentLog
 from gradwatch.detect.layer_stats import LayerStats, Row, mean
 from gradwatch.layers import layer_of
 from gradwatch.records import StepReport
+from gradwatch.validation import check_int
 
 if TYPE_CHECKING:
     from gradwatch.collect.forensics import StepProbe

@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch.config import check_int, check_positive, check_probability
 from gradwatch.errors import ConfigError, ConfigTypeError
+from gradwatch.validation import check_int, check_positive, check_probability
 
 __all__ = ["ParamBaseline", "SpikeDetector"]
 

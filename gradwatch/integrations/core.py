@@ -27,13 +27,13 @@ from typing import Any
 import torch
 
 from gradwatch.act.clip import Clipper
-from gradwatch.config import NonFinitePolicy, SpikePolicy, check_int, check_sinks
 from gradwatch.integrations.window import WindowStats, post_clip_norm
 from gradwatch.records import Record, RunSummary, StepReport
 from gradwatch.report.console import ConsoleSink
 from gradwatch.report.sink import Sink, SinkGroup
 from gradwatch.report.tracker import layer_patterns
 from gradwatch.step_result import StepResult
+from gradwatch.validation import NonFinitePolicy, SpikePolicy, check_int, check_sinks
 from gradwatch.watch import GradWatch
 
 __all__ = ["CallbackAdapter", "CallbackCore", "FrameworkClipping", "FrameworkSinks"]

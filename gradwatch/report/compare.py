@@ -18,8 +18,8 @@ from rich.table import Table
 from rich.text import Text
 
 from gradwatch._optional import MissingExtraError
-from gradwatch.report.console import fmt
 from gradwatch.report.runlog import RunLog, RunLogError
+from gradwatch.report.text import fmt
 from gradwatch.report.view import (
     OutputError,
     check_outputs,

@@ -30,13 +30,13 @@ import rich
 from rich.console import Console, Group
 from rich.text import Text
 
-from gradwatch.config import check_int
 from gradwatch.errors import ConfigTypeError
 from gradwatch.records import Event, RunSummary
-from gradwatch.report.text import fmt, summary_notes, summary_table, window_line, wrap_notes
+from gradwatch.report.text import summary_notes, summary_table, window_line, wrap_notes
 from gradwatch.report.windowed import StepWindow, WindowedSink
+from gradwatch.validation import check_int
 
-__all__ = ["ConsoleSink", "fmt", "summary_notes", "summary_table", "window_line"]
+__all__ = ["ConsoleSink"]
 
 _STYLE = {
     "nonfinite": "bold red",

@@ -24,8 +24,8 @@ from typing import Any
 from gradwatch.layers import layer_of
 from gradwatch.records import Finding, LayerSummary, RunSummary
 from gradwatch.report.compare import RunTotals, run_totals
-from gradwatch.report.console import fmt
 from gradwatch.report.runlog_arrays import RunLog
+from gradwatch.report.text import fmt
 from gradwatch.report.view import damage_lines, fold_events
 
 __all__ = ["render_html", "write_html"]

@@ -45,7 +45,6 @@ from typing import IO, Any, Literal
 
 import numpy as np
 
-from gradwatch.config import check_choice
 from gradwatch.errors import GradWatchError
 from gradwatch.records import (
     Event,
@@ -58,6 +57,7 @@ from gradwatch.records import (
 from gradwatch.report.logformat import FORMAT, FORMAT_VERSION, encode_value
 from gradwatch.report.stats import LayerGroups
 from gradwatch.report.windowed import StepWindow, WindowedSink
+from gradwatch.validation import check_choice
 
 __all__ = ["JsonlSink", "RunLogExistsError"]
 

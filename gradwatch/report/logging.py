@@ -15,13 +15,13 @@ from typing import Any
 
 from rich.console import Console
 
-from gradwatch.config import check_int
 from gradwatch.errors import ConfigTypeError
 from gradwatch.records import Event, Record, RunSummary
 from gradwatch.report.console import ConsoleSink
 from gradwatch.report.sink import Sink
 from gradwatch.report.text import summary_notes, summary_table, window_line
 from gradwatch.report.windowed import StepWindow, WindowedSink
+from gradwatch.validation import check_int
 
 __all__ = ["LoggingSink"]
 

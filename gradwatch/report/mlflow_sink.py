@@ -39,8 +39,8 @@ from typing import Any
 from gradwatch._optional import require
 from gradwatch.errors import StateError
 from gradwatch.records import Event, RunStart, RunSummary
-from gradwatch.report.console import summary_notes
 from gradwatch.report.logformat import encode_value
+from gradwatch.report.text import summary_notes
 from gradwatch.report.tracker import TrackerSink, Window, finding_line, summary_line
 
 __all__ = ["MLflowSink"]

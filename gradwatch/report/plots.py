@@ -25,7 +25,6 @@ from typing import IO, Any, Literal
 import numpy as np
 
 from gradwatch._optional import require
-from gradwatch.config import check_int
 from gradwatch.errors import ConfigError
 from gradwatch.report.plot_heatmap import draw_heatmap
 from gradwatch.report.plot_series import (
@@ -41,6 +40,7 @@ from gradwatch.report.plot_series import (
     title,
 )
 from gradwatch.report.runlog_arrays import RunLog
+from gradwatch.validation import check_int
 
 __all__ = [
     "FORMATS",

@@ -21,8 +21,8 @@ from rich.text import Text
 from gradwatch._optional import MissingExtraError, require
 from gradwatch.errors import GradWatchError
 from gradwatch.records import Event
-from gradwatch.report.console import fmt, summary_notes, summary_table
 from gradwatch.report.runlog import RunLog, RunLogError, read_run
+from gradwatch.report.text import fmt, summary_notes, summary_table
 
 __all__ = [
     "OutputError",

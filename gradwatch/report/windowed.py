@@ -23,10 +23,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from gradwatch.config import check_int
 from gradwatch.records import Event, Record, RunStart, RunSummary, StepReport
 from gradwatch.report.sink import Sink, window_due
 from gradwatch.report.stats import LayerGroups, StepAggregator
+from gradwatch.validation import check_int
 
 __all__ = ["StepWindow", "WindowedSink"]
 

@@ -1,4 +1,4 @@
-"""Policy names and the argument checks shared by every module.
+"""Policy names and the argument checks shared by every module (validation of user input).
 
 Every public argument goes through one of these helpers so that all error messages have one shape:
 the argument's name, the value received and what would be valid.
