@@ -106,6 +106,8 @@ class TrackerSink(WindowedSink):
         alert_count: Every alert of the run, counted.
     """
 
+    window_events = True  # the window's last alert goes to the tracker with it
+
     def __init__(
         self,
         *,

@@ -18,6 +18,7 @@ mechanics, ``FileSizeColumn`` is a few lines of ``render``). A sink of a few lin
 from __future__ import annotations
 
 import functools
+from collections import deque
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -28,7 +29,10 @@ from gradwatch.report.sink import Sink, window_due
 from gradwatch.report.stats import LayerGroups, StepAggregator
 from gradwatch.validation import check_int
 
-__all__ = ["StepWindow", "WindowedSink"]
+__all__ = ["WINDOW_EVENTS", "StepWindow", "WindowedSink"]
+
+WINDOW_EVENTS = 100
+"""Events a window keeps for its sink (the latest); a bad run's long window holds no more."""
 
 
 class StepWindow:
@@ -39,16 +43,25 @@ class StepWindow:
 
     Attributes:
         last: The window's last step.
-        events: The events that arrived since the previous window closed (alerts of a window's
-            last step arrive just after it, so they open the next window).
+        events: For a sink with ``window_events`` on, the events that arrived since the previous
+            window closed (alerts of a window's last step arrive just after it, so they open the
+            next window), the latest :data:`WINDOW_EVENTS` of them: a long window of a bad run
+            keeps no more.
+        events_seen: How many events arrived in all (more than ``len(events)`` when some were
+            dropped).
     """
 
     def __init__(
-        self, aggregator: StepAggregator, last: StepReport, events: Sequence[Event]
+        self,
+        aggregator: StepAggregator,
+        last: StepReport,
+        events: Sequence[Event],
+        events_seen: int | None = None,
     ) -> None:
         self._aggregator = aggregator
         self.last = last
         self.events = tuple(events)
+        self.events_seen = len(self.events) if events_seen is None else events_seen
 
     @property
     def step(self) -> int:
@@ -107,6 +120,10 @@ class WindowedSink(Sink):
     render_partial: ClassVar[bool] = True
     """Render the last window at the end even when it holds fewer than ``every`` steps."""
 
+    window_events: ClassVar[bool] = False
+    """Hand each window the events that arrived during it (:attr:`StepWindow.events`); a sink
+    that renders events as they come leaves it off and keeps none."""
+
     def __init__(
         self, *, every: int = 50, layer_depth: int | None = None, minimum_every: int = 1
     ) -> None:
@@ -117,7 +134,8 @@ class WindowedSink(Sink):
         self._groups: LayerGroups | None = None
         self._window: StepAggregator | None = None
         self._last: StepReport | None = None
-        self._events: list[Event] = []
+        self._events: deque[Event] = deque(maxlen=WINDOW_EVENTS)
+        self._events_seen = 0
 
     # ----------------------------------------------------------------- for subclasses
 
@@ -151,8 +169,9 @@ class WindowedSink(Sink):
         if isinstance(record, StepReport):
             self._step(record)
         elif isinstance(record, Event):
-            if self.every:
+            if self.every and self.window_events:
                 self._events.append(record)
+                self._events_seen += 1
             self.render_event(record)
         elif isinstance(record, RunStart):
             depth = self.layer_depth
@@ -189,6 +208,8 @@ class WindowedSink(Sink):
         if window is None or last is None or not window.steps:
             return
         self._window = None
-        events, self._events = self._events, []
+        events, seen = tuple(self._events), self._events_seen
+        self._events.clear()
+        self._events_seen = 0
         if partial or window.steps >= self.every:
-            self.render_window(StepWindow(window, last, events))
+            self.render_window(StepWindow(window, last, events, seen))
