@@ -95,26 +95,27 @@ def mesh_reduction(params: list[Tensor], *, over_root: bool = True) -> MeshReduc
     the other stages too, which hold other parameters) reduces over the stage's one mesh.
 
     Meshes sliced from one mesh (FSDP2 on ``mesh["dp"]`` next to tensor parallel on the whole
-    dp × tp mesh) are reduced over that one mesh. The group is the world when the mesh spans all
+    dp × tp mesh) are reduced over that one mesh, provided the parameters use every one of its
+    dimensions: a dimension none of them lives on (``pp`` of a pp × dp mesh, when the watcher
+    was not told about the pipeline) joins ranks that hold other parameters, so the reduction
+    stays on the parameters' own mesh then. The group is the world when the mesh spans all
     ranks, else the mesh's (flattened) group. Parameters on unrelated meshes, or on slices
     whose dimensions have no names, keep DTensor's own reduction (correct, one collective per
     mesh and placement).
     """
     # Equal meshes are one mesh: slicing (mesh["dp"]) makes a new but equal object each time.
     meshes = {p.device_mesh: p.device_mesh for p in params}  # type: ignore[attr-defined]
-    if not over_root:
-        if len(meshes) != 1:
-            return None
-        (mesh,) = meshes.values()
-        return MeshReduction(_group(mesh), over_root=False)
     roots = {mesh._get_root_mesh(): mesh._get_root_mesh() for mesh in meshes.values()}
     sliced = any(mesh._get_root_mesh() is not mesh for mesh in meshes.values())
-    if len(roots) != 1 or (sliced and not _named(meshes.values())):
+    if over_root and len(roots) == 1 and (not sliced or _named(meshes.values())):
+        (root,) = roots.values()
+        used = {name for mesh in meshes.values() for name in mesh.mesh_dim_names or ()}
+        if not sliced or set(root.mesh_dim_names) <= used:
+            return MeshReduction(_group(root))
+    if len(meshes) != 1:
         return None
-    (mesh,) = roots.values()
-    if mesh.size() == dist.get_world_size():
-        return MeshReduction(None)
-    return MeshReduction(_group(mesh))
+    (mesh,) = meshes.values()
+    return MeshReduction(_group(mesh), over_root=False)
 
 
 def full_l2_norms(tensors: list[Tensor]) -> Tensor:
@@ -137,8 +138,11 @@ def full_l2_norms(tensors: list[Tensor]) -> Tensor:
     return full.sqrt()
 
 
-def _group(mesh: Any) -> dist.ProcessGroup:
-    """The process group of all of ``mesh``'s ranks (its flattened mesh's, if it is n-D)."""
+def _group(mesh: Any) -> dist.ProcessGroup | None:
+    """The process group of all of ``mesh``'s ranks: None (the world) when it spans all ranks,
+    else its own group (its flattened mesh's, if it is n-D)."""
+    if mesh.size() == dist.get_world_size():
+        return None
     return mesh.get_group() if mesh.ndim == 1 else mesh._flatten().get_group()
 
 
