@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,16 +16,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gradwatch._optional import MissingExtraError
 from gradwatch.report.runlog import RunLog, RunLogError
 from gradwatch.report.text import fmt
 from gradwatch.report.view import (
     OutputError,
-    check_outputs,
     damage_lines,
     fail,
     make_folder,
     read_log,
+    refuse_outputs,
 )
 
 __all__ = ["RunTotals", "compare_table", "run_compare", "run_totals"]
@@ -114,13 +112,9 @@ def run_compare(
             f"--label given {len(labels)} time(s) for {len(paths)} run logs; "
             "give one label per log, in the order of the logs"
         )
-    try:
-        check_outputs(plot, None)
-    except OutputError as err:
-        return fail(str(err))
-    except MissingExtraError as err:
-        print(f"gradwatch report: {err}", file=sys.stderr)
-        return 1
+    refused = refuse_outputs(plot, None)
+    if refused is not None:
+        return refused
     try:
         logs = [read_log(path, run) for path in paths]
     except RunLogError as err:

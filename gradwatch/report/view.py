@@ -33,6 +33,7 @@ __all__ = [
     "fold_events",
     "make_folder",
     "read_log",
+    "refuse_outputs",
     "render_report",
     "run_report",
 ]
@@ -83,13 +84,9 @@ def run_report(
         has nothing to plot (one line on stderr says why); 1 if ``--plot`` needs matplotlib and
         it is not installed.
     """
-    try:
-        check_outputs(plot, html)
-    except OutputError as err:
-        return fail(str(err))
-    except MissingExtraError as err:
-        print(f"gradwatch report: {err}", file=sys.stderr)
-        return 1
+    refused = refuse_outputs(plot, html)
+    if refused is not None:
+        return refused
     try:
         log = read_log(path, run)
     except RunLogError as err:
@@ -158,6 +155,21 @@ def check_outputs(plot: str | os.PathLike[str] | None, html: str | os.PathLike[s
         raise OutputError(f"--plot and --html name the same file {str(plot)!r}")
     if plot is not None:
         require("matplotlib", extra="plot")
+
+
+def refuse_outputs(
+    plot: str | os.PathLike[str] | None, html: str | os.PathLike[str] | None
+) -> int | None:
+    """The exit code for unusable ``--plot``/``--html`` outputs (the reason on stderr), or None
+    when both can be written."""
+    try:
+        check_outputs(plot, html)
+    except OutputError as err:
+        return fail(str(err))
+    except MissingExtraError as err:
+        print(f"gradwatch report: {err}", file=sys.stderr)
+        return 1
+    return None
 
 
 def make_folder(option: str, target: str | os.PathLike[str]) -> None:
