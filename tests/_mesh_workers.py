@@ -10,7 +10,6 @@ torch/DTensor imports dominate the cost, so they are paid once per test session
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from test_sync import count_host_reads  # tests/ is this script's folder
 from torch import nn
 
 import gradwatch as gw
@@ -31,7 +31,6 @@ WORLD = 4
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SCALE_OUT_EXAMPLES = ("hsdp.py", "fsdp2_tp.py", "pipeline.py")  # run here, on 4 processes
 EXAMPLE_STEPS = 3
-_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy", "__index__")
 
 
 def _batch(step: int, rank: int, width: int = 6) -> torch.Tensor:
@@ -55,29 +54,6 @@ def _reference(model: nn.Module, x: torch.Tensor, max_norm: float) -> dict[str, 
     return {"norms": norms, "global": total, "clipped": clipped}
 
 
-@contextlib.contextmanager
-def _host_reads():
-    counts = dict.fromkeys(_READS, 0)
-    originals = {name: getattr(torch.Tensor, name) for name in _READS}
-
-    def wrap(name):
-        original = originals[name]
-
-        def counting(self, *args, **kwargs):
-            counts[name] += 1
-            return original(self, *args, **kwargs)
-
-        return counting
-
-    for name in _READS:
-        setattr(torch.Tensor, name, wrap(name))
-    try:
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
-
-
 class _Warnings(logging.Handler):
     """Collects log records and warnings mentioning sequential collectives."""
 
@@ -97,7 +73,7 @@ def _checked(watch: gw.GradWatch) -> dict[str, object]:
     """One check() under CommDebugMode and the host-read counter: the step's cost."""
     from torch.distributed.tensor.debug import CommDebugMode
 
-    with CommDebugMode() as comm, _host_reads() as reads:
+    with CommDebugMode() as comm, count_host_reads() as reads:
         report = watch.check()
     counts = {str(op): n for op, n in comm.get_comm_counts().items()}
     return {"report": report, "collectives": counts, "reads": sum(reads.values())}
