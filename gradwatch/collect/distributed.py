@@ -5,9 +5,11 @@ gradwatch uses ``torch.distributed`` as its scale-out engine and adds nothing of
 * **DDP**: by the time gradwatch checks (before ``optimizer.step()`` or after backward), DDP has
   all-reduced the gradients, so every rank sees the same, synchronised gradients and computes the
   same norms with no extra communication.
-* **FSDP2** (``fully_shard``): parameters and gradients are DTensors holding a shard each. The norm
-  of every parameter's *full* gradient is obtained by stacking the per-shard norms (DTensor marks
-  them as partial norms) and calling ``full_tensor()``: one all-reduce per step for all parameters.
+* **FSDP2, HSDP, tensor parallel** (DTensors on any mesh): the norm of every parameter's *full*
+  gradient comes from the shards' squared norms summed in one all-reduce per step for all
+  parameters, each shard counted once (:mod:`gradwatch.collect.meshes`).
+* **Pipeline parallel**: the stages' norms are combined over the pipeline group in one
+  all-reduce (:mod:`gradwatch.collect.pipeline`), so every stage sees the global norm.
 * **Decisions** (``"skip"``/``"raise"``) are all-reduced (max) so that no rank steps while another
   skips, which would desynchronise the replicas or deadlock the next collective.
 * **Rank blame** (opt-in): a DDP communication hook checks each rank's *local* gradient bucket for
