@@ -3,11 +3,11 @@
     torchrun --nproc-per-node 4 examples/pipeline.py --steps 60
 
 Each rank holds one stage: the model's layers it owns, under their model-wide names
-(``layers.2.weight`` on stage 2). With ``pipeline_group`` the watchers exchange one number per
-stage per step (one all-reduce), so every stage reports the global norm over the whole model,
+(``layers.2.weight`` on stage 2). With ``pipeline_group`` the watchers exchange their norms in
+one all-reduce per step, so every stage reports the global norm over the whole model,
 ``ClipNorm`` scales every stage by the same factor (as ``clip_grad_norm_`` on one process
 running the whole model), and ``on_nonfinite="skip"`` skips the step on every stage together.
-Each stage's first rank prints its own parameters' norms.
+Rank 0 (the default ``log_rank``) prints every stage's layers.
 """
 
 from __future__ import annotations
@@ -51,8 +51,7 @@ def train(steps: int) -> None:
         clip=gw.ClipNorm(1.0),
         on_nonfinite="skip",
         pipeline_group=dist.group.WORLD,  # or mesh["pp"] on a pp × dp mesh
-        log_rank=stage_index,  # each stage reports its parameters (the global norm is shared)
-        sinks=[gw.ConsoleSink(every=20)],
+        sinks=[gw.ConsoleSink(every=20)],  # on rank 0, with every stage's layers
     ).attach(optimizer)
     generator = torch.Generator().manual_seed(0)  # the first stage feeds, the last scores
     for _ in range(steps):

@@ -151,7 +151,8 @@ def _nonfinite_event(
         more = f" of {len(report.nonfinite)} parameters" if len(report.nonfinite) > 1 else ""
         source = _source(origin, place)
         message = (
-            f"step {report.step}: {kind} in the gradients{more}, from {source}: {clause}; {done}"
+            f"step {report.step}: {kind} in the gradients{more}, from {source}: {clause}"
+            f"{_ranks(report)}; {done}"
         )
         data.update(
             source=place,
@@ -168,13 +169,21 @@ def _nonfinite_event(
         loss = f"; loss {fmt(report.loss)}" if report.loss is not None else ""
         message = (
             f"step {report.step}: {kind} in gradient of {first}{f' ({owner})' if owner else ''}"
-            f"{more}, first in backward order{loss}; {done}"
+            f"{more}, first in backward order{_ranks(report)}{loss}; {done}"
         )
     params = report.nonfinite
     if origin is not None:
         place = where(origin)[0]
         params = (place, *(p for p in report.nonfinite if p != place)) if place else params
     return Event(report.step, "nonfinite", message, params, data)
+
+
+def _ranks(report: StepReport) -> str:
+    """The ranks a NaN/Inf came from (rank blame, pipeline stages), as a clause, or nothing."""
+    ranks = report.nonfinite_ranks
+    if not ranks:
+        return ""
+    return f"; from rank{'s' if len(ranks) > 1 else ''} {', '.join(str(r) for r in ranks)}"
 
 
 def _spike_event(

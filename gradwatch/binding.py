@@ -17,6 +17,7 @@ from gradwatch.collect.forensics import ActivationProbe, StepProbe
 from gradwatch.collect.hooks import ArrivalOrder, MicroBatchNorms
 from gradwatch.collect.norms import GradCollector
 from gradwatch.collect.params import WatchedParams
+from gradwatch.collect.pipeline import StageLayout
 from gradwatch.collect.ring import StatsRing
 
 __all__ = ["Binding"]
@@ -32,6 +33,7 @@ class Binding:
         watched: The watched parameters.
         settings: The watcher's :class:`~gradwatch.settings.WatchSettings`.
         module: The model (for forensics), or None when given bare parameters.
+        stages: Every pipeline stage's parameters (pipeline parallel), else None.
 
     Attributes:
         watched, collector, ring, arrivals, probe: Always present.
@@ -40,7 +42,11 @@ class Binding:
     """
 
     def __init__(
-        self, watched: WatchedParams, settings: Any, module: torch.nn.Module | None
+        self,
+        watched: WatchedParams,
+        settings: Any,
+        module: torch.nn.Module | None,
+        stages: StageLayout | None = None,
     ) -> None:
         params = watched.params
         device = params[0].device
@@ -54,9 +60,10 @@ class Binding:
             dtype,
             norm_type=settings.norm_type,
             grad_attr=settings.grad_attr,
-            pipeline=settings.pipeline_group,
+            pipeline=stages,
         )
-        self.ring = StatsRing(len(watched), capacity=RING_CAPACITY, device=device, dtype=dtype)
+        everyone = 0 if stages is None else len(stages.params)
+        self.ring = StatsRing(len(watched), RING_CAPACITY, device, dtype, n_everyone=everyone)
         self.arrivals = ArrivalOrder(params, watched.position)
         self.hold: SkipHold | None = None
         if settings.skips:

@@ -22,13 +22,14 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from gradwatch.alerts import needs_events, step_events
+from gradwatch.collect.pipeline import ABSENT, StageLayout
 from gradwatch.collect.ring import COEF, GLOBAL, LOSS, NORMS, SCALE, StatsRing
 from gradwatch.detect.health import HealthDetector
 from gradwatch.detect.nonfinite import nonfinite_in_backward_order
@@ -90,9 +91,16 @@ class Emission:
     with the new ring whenever the watched parameters are rebuilt, after draining every row of
     the old one.
 
+    Under pipeline parallelism (``stages`` given) a report covers every stage's parameters: its
+    ``param_norms``, ``nonfinite`` and ``spike_params`` are the whole model's, from the norms the
+    stages exchanged, so the logging rank reports every layer. The health detector (and so the
+    diagnosis) is fed this stage's parameters only, the ones whose weights and activations this
+    rank can see.
+
     Args:
         names: Names of the watched parameters, in the ring's column order.
-        owner_types: Parameter name -> class name of the module owning it, for alert wording.
+        owner_types: Parameter name -> class name of the module owning it, for alert wording
+            (every stage's parameters under pipeline parallelism).
         sinks: Where reports and events go.
         spike_detector: Judges each row's global norm.
         loss_detector: Judges each row's loss, when the step had one.
@@ -104,6 +112,8 @@ class Emission:
         norm_type: Order of the global norm, recorded in each report.
         clip: The clipper's settings (``config()``), or None, for the diagnosis behind the
             probable cause an incident's first alert states.
+        stages: Every pipeline stage's parameters, or None. ``baseline`` and ``aggregator``
+            then cover all of them (``stages.names``).
     """
 
     def __init__(
@@ -121,8 +131,10 @@ class Emission:
         on_nonfinite: str,
         norm_type: float,
         clip: Mapping[str, Any] | None = None,
+        stages: StageLayout | None = None,
     ) -> None:
         self.names = names
+        self.stages = stages
         self.owner_types = owner_types
         self.sinks = sinks
         self.spike_detector = spike_detector
@@ -241,34 +253,37 @@ class Emission:
         self._due = self.sinks.next_due(pending.result.step)
 
     def _emit(self, pending: Pending, row: Any) -> None:
-        norms = row[NORMS:]
+        norms = row[NORMS : NORMS + len(self.names)]
         global_norm = float(row[GLOBAL])
         positions = pending.positions
         if positions is None:
             names, values = self.names, norms
         else:
             names, values = tuple(self.names[i] for i in positions), norms[positions]
-        nonfinite: tuple[str, ...] = ()
+        bad: list[int] = []  # this stage's non-finite parameters, first in backward order
         if not math.isfinite(global_norm):
-            order = self._order(pending.arrivals)
-            nonfinite = tuple(
-                self.names[i] for i in nonfinite_in_backward_order(norms, positions, order)
-            )
-        spike = pending.spike
+            bad = nonfinite_in_backward_order(norms, positions, self._order(pending.arrivals))
         present = norms
         if positions is not None:  # parameters without a gradient neither lead nor learn
             present = np.full_like(norms, np.nan)
             present[positions] = norms[positions]
-        culprits: tuple[str, ...] = ()
+        nonfinite = tuple(self.names[i] for i in bad)
+        model = None
+        if self.stages is not None:
+            model = _ModelRow(self.stages, row[NORMS + len(self.names) :], bad)
+            names, values, present, nonfinite = model.names, model.values, model.present, model.bad
+        spike = pending.spike
+        culprits: tuple[int, ...] = ()
         growth = None  # of every parameter alike, when no parameter drives a spike alone
         if spike:
-            culprits = tuple(self.names[i] for i in self.baseline.culprits(present))
+            culprits = tuple(int(i) for i in self.baseline.culprits(present))
             growth = None if culprits else self.baseline.growth(present)
         if not nonfinite and not spike:  # a spike would inflate every baseline for ~100 steps
             self.baseline.update(present)
         loss = float(row[LOSS]) if pending.has_loss else None
         loss_spike = pending.loss_spike
         coef = float(row[COEF])
+        every_name = self.names if self.stages is None else self.stages.names
         report = StepReport(
             step=pending.result.step,
             global_norm=global_norm,
@@ -281,21 +296,24 @@ class Emission:
             skipped=pending.skip_reason is not None,
             loss=loss,
             skip_reason=pending.skip_reason,
-            spike_params=culprits,
+            spike_params=tuple(every_name[i] for i in culprits),
             spike_threshold=pending.spike_threshold,
             scale=float(row[SCALE]) if pending.has_scale else None,
             lr=_first_lr(pending.probe),
             norm_type=self.norm_type,
             micro_batch_norms=tuple(float(m) for m in pending.micro),
-            nonfinite_ranks=_flagged(pending.blame) if nonfinite else (),
+            nonfinite_ranks=_flagged(pending.blame) if not math.isfinite(global_norm) else (),
         )
         pending.result.resolve(report)
         self.history.append(report)
         self.aggregator.update(report)
         self.sinks.write(report)
-        origin = self.health_detector.update(
-            report, norms, positions, pending.arrivals, pending.probe
-        )
+        own = report
+        if model is not None:  # the health detector knows this stage's parameters only
+            own = model.own_report(report, self.names, norms, positions, bad, culprits)
+        origin = self.health_detector.update(own, norms, positions, pending.arrivals, pending.probe)
+        if model is not None and not model.starts_here:
+            origin = None  # the NaN/Inf started on another stage: this stage cannot place it
         if not self._depth_checked and self.health_detector.first_step is not None:
             self._depth_checked = True  # a non-finite first step has its own alert instead
             event = self._first_step_event(report.step) if math.isfinite(global_norm) else None
@@ -365,6 +383,59 @@ class Emission:
         )
         data = {"gradient_to_weight": depth.ratio}
         return Event(step, "exploding", message, depth.params, data, cause)
+
+
+class _ModelRow:
+    """One step's norms of every pipeline stage, from the row's exchanged columns.
+
+    Args:
+        layout: Every stage's parameters.
+        everyone: Their norms, :data:`~gradwatch.collect.pipeline.ABSENT` where a parameter had
+            no gradient.
+        own_bad: This stage's non-finite parameters (its positions), first in backward order.
+    """
+
+    def __init__(self, layout: StageLayout, everyone: np.ndarray, own_bad: list[int]) -> None:
+        self.layout = layout
+        absent = everyone == ABSENT
+        self.present = np.where(absent, np.nan, everyone)
+        kept = np.flatnonzero(~absent)
+        every_name = layout.names
+        self.names = tuple(every_name[i] for i in kept) if absent.any() else every_name
+        self.values = everyone[kept] if absent.any() else everyone
+        # Backward runs from the last stage to the first: the last non-finite stage is where a
+        # NaN/Inf met first; within this stage its hooks' arrival order, elsewhere the stage's
+        # parameter order (what a single process does without hooks).
+        own = layout.own
+        columns: list[int] = []
+        for stage in reversed(range(len(layout.blocks))):
+            block = layout.blocks[stage]
+            if stage == layout.stage:
+                columns.extend(own.start + i for i in own_bad)
+            else:
+                part = everyone[block]
+                columns.extend(block.start + int(i) for i in np.flatnonzero(~np.isfinite(part)))
+        self.bad = tuple(every_name[i] for i in columns)
+        self.starts_here = bool(columns) and own.start <= columns[0] < own.stop
+
+    def own_report(
+        self,
+        report: StepReport,
+        names: Sequence[str],
+        norms: np.ndarray,
+        positions: list[int] | None,
+        bad: list[int],
+        culprits: tuple[int, ...],
+    ) -> StepReport:
+        """``report`` restricted to this stage's parameters, under their own names."""
+        own = self.layout.own
+        present = range(len(names)) if positions is None else positions
+        return replace(
+            report,
+            param_norms=ParamNorms(tuple(names[i] for i in present), norms[list(present)]),
+            nonfinite=tuple(names[i] for i in bad),
+            spike_params=tuple(names[c - own.start] for c in culprits if own.start <= c < own.stop),
+        )
 
 
 def _nonfinite(report: StepReport) -> bool:

@@ -104,12 +104,8 @@ class WatchSettings:
         """Something may rescale the gradients (the report's ``clip_coef`` is written)."""
         return self.clip is not None or self.on_spike == "clip"
 
-    def run_start(self, watched: Any, spike_detector: Any) -> RunStart:
-        """The run log's first record: versions, the watched parameters, the configuration."""
-        params = tuple(
-            ParamInfo(n, tuple(p.shape), str(p.dtype).replace("torch.", ""))
-            for n, p in zip(watched.names, watched.params)
-        )
+    def run_start(self, params: tuple[ParamInfo, ...], spike_detector: Any) -> RunStart:
+        """The run log's first record: versions, the reported parameters, the configuration."""
         config = self.config(spike_detector)
         return RunStart(__version__, torch.__version__, params, config, time.time())
 

@@ -21,6 +21,7 @@ from gradwatch.alerts import policy_error
 from gradwatch.binding import Binding
 from gradwatch.collect.distributed import RankBlame, unwrap_model
 from gradwatch.collect.params import ParamChanges, WatchedParams
+from gradwatch.collect.pipeline import StageLayout
 from gradwatch.detect.health import HealthDetector
 from gradwatch.emission import Emission, Pending
 from gradwatch.errors import ConfigError, ConfigTypeError, GradWatchWarning, StateError
@@ -60,6 +61,7 @@ class StepPath:
         watched: WatchedParams,
         emission: Emission,
         health: HealthDetector,
+        stages: StageLayout | None = None,
     ) -> None:
         module = unwrap_model(model)
         module = module if isinstance(module, torch.nn.Module) else None
@@ -79,6 +81,7 @@ class StepPath:
             self._blame.install(model)
         self.settings = settings
         self._module = module
+        self._stages = stages
         self._emission = emission
         self._health = health
         self._policy = StepPolicy(
@@ -130,7 +133,7 @@ class StepPath:
 
     def bind(self, watched: WatchedParams) -> None:
         """Build the parts over ``watched`` and connect the emission and health to them."""
-        self.bound = bound = Binding(watched, self.settings, self._module)
+        self.bound = bound = Binding(watched, self.settings, self._module, self._stages)
         self._emission.bind(bound.ring, bound.arrivals.positions)
         self._health.bind(watched, bound.probe, bound.arrivals.positions)
 
@@ -202,7 +205,7 @@ class StepPath:
                 slot.row.zero_()
                 slot.coef.fill_(1.0)
             else:
-                bound.collector.param_norms_(batch, slot.norms)
+                bound.collector.param_norms_(batch, slot.norms, slot.everyone)
                 bound.collector.global_norm_(
                     batch, slot.norms, self.settings.norm_type, slot.global_norm
                 )

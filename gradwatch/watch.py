@@ -25,6 +25,7 @@ from gradwatch.act.clip import Clipper
 from gradwatch.collect.distributed import is_distributed, rank, unwrap_model
 from gradwatch.collect.norms import GradAttr
 from gradwatch.collect.params import resolve_params
+from gradwatch.collect.pipeline import StageLayout
 from gradwatch.detect.health import HealthDetector
 from gradwatch.detect.spikes import ParamBaseline, SpikeDetector
 from gradwatch.diagnosis import diagnose
@@ -99,14 +100,17 @@ class GradWatch:
             ``HealthDetector()``; pass one to set ``dead_after``).
         pipeline_group: In a pipeline-parallel run, the process group (or 1-D ``DeviceMesh``,
             e.g. ``mesh["pp"]``) joining the stages: norms, clipping and decisions then cover
-            every stage (one all-reduce per step), and ``nonfinite_ranks`` names the ranks of
-            the stages a NaN/Inf came from.
+            every stage (one all-reduce per step), every report lists every stage's parameters
+            (so the logging rank shows the whole model), and ``nonfinite_ranks`` names the
+            ranks of the stages a NaN/Inf came from. Create the watchers of all stages at the
+            same point of the program: they exchange their parameters' names then.
         grad_attr: Where the gradients are: ``"grad"``, another attribute of the parameters
             (Megatron-style ``"main_grad"``) or a callable ``param -> Tensor | None``.
 
     Attributes:
         settings: The validated settings (:class:`~gradwatch.WatchSettings`), fixed for the run.
-        names: Names of the watched parameters, in ``named_parameters()`` order.
+        names: Names of the watched parameters, in ``named_parameters()`` order (this stage's,
+            under pipeline parallelism; the reports name every stage's).
         spike_detector, loss_detector, health_detector: The detectors this watcher feeds.
 
     Raises:
@@ -160,23 +164,33 @@ class GradWatch:
         self._sink_finalizer = weakref.finalize(self, SinkGroup.close, self._sinks)
         self._exit_hook = _close_at_exit(weakref.ref(self))
         atexit.register(self._exit_hook)
+        params = watched.infos()
+        stages = None  # under pipeline parallelism, every stage's parameters, reported together
+        if settings.pipeline_group is not None:
+            stages = StageLayout.gather(settings.pipeline_group, params, watched.owner_types)
+        reported = params if stages is None else stages.params
+        owner_types = watched.owner_types if stages is None else stages.owner_types
+        reported_names = tuple(p.name for p in reported)
         self._emission = Emission(
             self.names,
-            dict(zip(watched.names, watched.owner_types)),
+            dict(zip(reported_names, owner_types)),
             sinks=self._sinks,
             spike_detector=self.spike_detector,
             loss_detector=self.loss_detector,
             health_detector=self.health_detector,
-            baseline=ParamBaseline(len(watched), alpha=self.spike_detector.alpha),
-            aggregator=StepAggregator(self.names, depth=layer_depth),
+            baseline=ParamBaseline(len(reported), alpha=self.spike_detector.alpha),
+            aggregator=StepAggregator(reported_names, depth=layer_depth),
             history=settings.history,
             on_nonfinite=settings.on_nonfinite,
             norm_type=settings.norm_type,
             clip=clip.config() if clip is not None else None,
+            stages=stages,
         )
-        self._path = StepPath(settings, model, watched, self._emission, self.health_detector)
+        self._path = StepPath(
+            settings, model, watched, self._emission, self.health_detector, stages
+        )
         self._closed = False
-        self._emission.start(settings.run_start(watched, self.spike_detector))
+        self._emission.start(settings.run_start(reported, self.spike_detector))
 
     # ----------------------------------------------------------------------------- public API
 

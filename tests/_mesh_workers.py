@@ -253,11 +253,12 @@ def _pipeline(rank: int) -> dict[str, object]:
     stage = PipelineStage(stage_model, rank, WORLD, torch.device("cpu"))
     schedule = ScheduleGPipe(stage, n_microbatches=micro, loss_fn=loss_fn)
     opt = torch.optim.SGD(stage_model.parameters(), lr=0.1)
+    log = Path(_OUT["dir"], "pipeline.jsonl")
     watch = gw.GradWatch(
         stage_model,
         clip=gw.ClipNorm(max_norm),
         on_nonfinite="skip",
-        sinks=[],
+        sinks=[gw.JsonlSink(log)] if rank == 0 else [],  # rank 0 (log_rank) reports every stage
         pipeline_group=dist.group.WORLD,
     ).attach(opt)
     reference = _Stack()
@@ -288,6 +289,9 @@ def _pipeline(rank: int) -> dict[str, object]:
         expected = {n: p.grad.norm().item() for n, p in reference.named_parameters()}
         own = {n: expected[n] for n in watch.names}
         entry = {
+            "reported": dict(report.param_norms.items()),
+            "expected_all": expected,
+            "spike_params": list(report.spike_params),
             "global": report.global_norm,
             "expected": expected_global,
             "skipped": report.skipped,
@@ -306,6 +310,14 @@ def _pipeline(rank: int) -> dict[str, object]:
             )
         out["steps"].append(entry)
     poison.remove()
+    out["log"] = str(log)
+    # Stages built as separate modules share their names ("weight"): reported with a stage prefix.
+    layer = nn.Linear(2, 2)
+    separate = gw.GradWatch(layer, sinks=[], pipeline_group=dist.group.WORLD)
+    layer(torch.ones(1, 2)).sum().backward()
+    out["separate_names"] = list(separate.check().param_norms.names)
+    out["separate_own"] = list(separate.names)
+    separate.close()
     # The step's cost: one check of the stage's gradients (no policy needing a decision).
     monitor = gw.GradWatch(stage_model, sinks=[], pipeline_group=dist.group.WORLD)
     monitor.check()  # the first check also samples the weight norms
@@ -381,8 +393,12 @@ def _examples() -> None:
             print(f"example {script}: done", flush=True)
 
 
+_OUT: dict[str, str] = {}
+
+
 def main(out_dir: str) -> None:
     """One process of the launch (under torchrun)."""
+    _OUT["dir"] = out_dir
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()

@@ -54,6 +54,8 @@ def test_scale_out_examples_run_on_four_processes(tmp_path_factory) -> None:
     stdout = launch(tmp_path_factory.mktemp("meshes"))[1]
     for script in SCALE_OUT_EXAMPLES:
         assert f"example {script}: done" in stdout, stdout[-3000:]
-    # Rank 0 reports HSDP and FSDP2 + TP; under pipeline parallelism each stage its own.
-    assert stdout.count(f"gradwatch summary: {EXAMPLE_STEPS} steps") == 2 + 4
+    # Rank 0 reports each example; under pipeline parallelism with every stage's layers.
+    assert stdout.count(f"gradwatch summary: {EXAMPLE_STEPS} steps") == 3
+    pipeline = stdout[stdout.index("example fsdp2_tp.py: done") :]
+    assert all(f"layers.{i}" in pipeline for i in range(8)), pipeline[-3000:]
     assert "global norm over 4 stages" in stdout

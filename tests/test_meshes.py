@@ -82,9 +82,40 @@ def test_pipeline_nan_skips_every_stage_and_names_it(ranks) -> None:
         entry = result["pipeline"]["steps"][1]
         assert entry["skipped"] and entry["unchanged"]  # every stage skips together
         assert entry["clip_coef"] == 1.0
-    stage = ranks[2]["pipeline"]["steps"][1]
-    assert stage["nonfinite"] == ["layers.2.weight"]
-    assert stage["nonfinite_ranks"] == [2]  # the stage the NaN came from
+        # Every stage's report names the parameter and the stage the NaN came from.
+        assert entry["nonfinite"] == ["layers.2.weight"]
+        assert entry["nonfinite_ranks"] == [2]
+
+
+def test_every_stage_reports_the_whole_model(ranks) -> None:
+    everything = [f"layers.{i}.{k}" for i in range(WORLD) for k in ("weight", "bias")]
+    for result in ranks:
+        for step in (0, 2):
+            entry = result["pipeline"]["steps"][step]
+            assert list(entry["reported"]) == everything  # every stage's names, stage order
+            assert _relative_err(entry["reported"], entry["expected_all"]) < 1e-5
+    # The logging rank's run log: every layer at every step, the NaN's parameter and stage.
+    log = gw.read_run(ranks[0]["pipeline"]["log"])
+    assert list(log.names) == everything
+    assert [p.name for p in log.header.params] == everything
+    assert log.nonfinite.tolist() == [False, True, False, False]  # the last: the cost check
+    assert log.names[log.first_nonfinite[1]] == "layers.2.weight"
+    assert log.nonfinite_ranks == ((1, (2,)),)
+    (alert,) = [e for e in log.events if e.kind == "nonfinite"]
+    assert "layers.2.weight" in alert.message and "from rank 2" in alert.message
+    assert {layer.name for layer in log.summary.layers} == {f"layers.{i}" for i in range(WORLD)}
+
+
+def test_stages_with_the_same_names_are_told_apart(ranks) -> None:
+    for result in (r["pipeline"] for r in ranks):
+        assert result["separate_own"] == ["weight", "bias"]  # the watcher's own names
+        assert result["separate_names"] == [
+            f"stage{i}.{k}" for i in range(WORLD) for k in ("weight", "bias")
+        ]
+
+
+def _relative_err(got: dict[str, float], expected: dict[str, float]) -> float:
+    return max(abs(got[n] - expected[n]) / expected[n] for n in expected)
 
 
 def test_pipeline_step_cost(ranks) -> None:

@@ -35,7 +35,7 @@ from torch import Tensor
 from gradwatch.collect.distributed import is_dtensor
 from gradwatch.collect.kernels import foreach_norms, has_foreach, norm_dtype, sparse_values
 from gradwatch.collect.meshes import mesh_reduction
-from gradwatch.collect.pipeline import PipelineStages
+from gradwatch.collect.pipeline import PipelineStages, StageLayout
 from gradwatch.collect.reduce import NormReduction
 from gradwatch.errors import ConfigError, ConfigTypeError
 
@@ -158,7 +158,9 @@ class GradCollector:
         norm_type: Order of the global norm (computed with the per-parameter norms, in the same
             collective, when the norms need one).
         grad_attr: Where the gradients are (see :data:`GradAttr`).
-        pipeline: The pipeline-parallel process group joining the stages, or None.
+        pipeline: Under pipeline parallelism, every stage's parameters (the
+            :class:`~gradwatch.collect.pipeline.StageLayout` gathered over the pipeline group),
+            else None.
     """
 
     def __init__(
@@ -169,14 +171,14 @@ class GradCollector:
         *,
         norm_type: float = 2.0,
         grad_attr: GradAttr = "grad",
-        pipeline: object = None,
+        pipeline: StageLayout | None = None,
     ) -> None:
         self.params = params
         self.device = device
         self.dtype = dtype
         self.norm_type = norm_type
         self._grad_attr = grad_attr
-        stages = None if pipeline is None else PipelineStages(pipeline, device, dtype)  # type: ignore[arg-type]
+        stages = None if pipeline is None else PipelineStages(pipeline, device, dtype)
         dtensors = [p for p in params if is_dtensor(p)]
         mesh = mesh_reduction(dtensors, over_root=stages is None) if dtensors else None
         self._stages, self._mesh = stages, mesh
@@ -289,13 +291,20 @@ class GradCollector:
         self._build_layout()
         return True
 
-    def param_norms_(self, batch: GradBatch, out: Tensor) -> None:
+    def param_norms_(self, batch: GradBatch, out: Tensor, everyone: Tensor | None = None) -> None:
         """Write the L2 norm of every (full) gradient into ``out``, one slot per parameter.
 
         Parameters without a gradient get 0. This is the step's first read of the gradients: a
         gradient that came sparse in a plain group makes the kernels fail; its parameter then
         moves to a sparse group (see :meth:`_learn_sparse`) and ``batch`` is regrouped in place,
         so the clippers that receive it next see the new groups.
+
+        Args:
+            batch: The step's gradients (:meth:`gather`).
+            out: One slot per watched parameter.
+            everyone: Pipeline parallel: one slot per parameter of every stage
+                (:class:`~gradwatch.collect.pipeline.StageLayout` order), filled by the same
+                collective as the global norm.
         """
         batch.l2_norms = None
         try:  # free until it raises: dense models pay nothing for the sparse fallback
@@ -303,9 +312,14 @@ class GradCollector:
                 (group,) = batch.groups
                 torch.stack(foreach_norms(self.device, group.grads, 2.0), out=out)
                 return
+            order = None
             if self._reduced:
                 reduction = self._reduction
-                norms, batch.total = reduction(batch.groups, self.norm_type, self._flags)  # type: ignore[misc]
+                sent = None
+                if everyone is not None and self._stages is not None:
+                    order = self._order(batch)
+                    sent = (order, everyone)
+                norms, batch.total = reduction(batch.groups, self.norm_type, self._flags, sent)  # type: ignore[misc]
             else:
                 norms = torch.cat(
                     [
@@ -321,20 +335,22 @@ class GradCollector:
                 raise
             batch.params, batch.positions = regrouped.params, regrouped.positions
             batch.groups = regrouped.groups
-            self.param_norms_(batch, out)
+            self.param_norms_(batch, out, everyone)
             return
         batch.l2_norms = norms  # the present norms in group order: torch reduces them so
         if batch.positions is None and self._identity_order:
             out.copy_(norms)
             return
-        if batch.positions is None:
-            order = self._all_order
-        else:
-            order = torch.tensor(
-                [i for g in batch.groups for i in g.positions], dtype=torch.long, device=self.device
-            )
         out.zero_()
-        out.index_copy_(0, order, norms)
+        out.index_copy_(0, self._order(batch) if order is None else order, norms)
+
+    def _order(self, batch: GradBatch) -> Tensor:
+        """The watched position of each of ``batch``'s gradients, in group order."""
+        if batch.positions is None:
+            return self._all_order
+        return torch.tensor(
+            [i for g in batch.groups for i in g.positions], dtype=torch.long, device=self.device
+        )
 
     def global_norm_(
         self, batch: GradBatch, param_norms: Tensor, norm_type: float, out: Tensor

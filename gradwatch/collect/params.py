@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from gradwatch.errors import ConfigError, ConfigTypeError
+from gradwatch.records import ParamInfo
 
 __all__ = ["ParamChanges", "WatchedParams", "resolve_params"]
 
@@ -46,6 +47,13 @@ class WatchedParams:
 
     def __len__(self) -> int:
         return len(self.params)
+
+    def infos(self) -> tuple[ParamInfo, ...]:
+        """Name, shape and dtype of each watched parameter, as plain data."""
+        return tuple(
+            ParamInfo(n, tuple(p.shape), str(p.dtype).replace("torch.", ""))
+            for n, p in zip(self.names, self.params)
+        )
 
 
 def resolve_params(model: object) -> WatchedParams:

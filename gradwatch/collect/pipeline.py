@@ -8,10 +8,17 @@ every stage computes the same global norm from them, so clipping scales every st
 factor and a skip/raise decision taken on it is the same everywhere (torchtitan's
 ``clip_grad_norm_(..., pp_mesh)`` does the same by hand). The exchanged numbers also say which
 stage a NaN/Inf came from.
+
+The same all-reduce carries every stage's per-parameter norms, so each stage's reports cover the
+whole model under the parameters' names (:class:`StageLayout`, gathered once when the watcher is
+created): the logging rank sees every layer at no extra collective, and a NaN is named wherever
+it started.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,8 +26,12 @@ import torch.distributed as dist
 
 from gradwatch.collect.distributed import is_distributed
 from gradwatch.errors import ConfigError, ConfigTypeError
+from gradwatch.records import ParamInfo
 
-__all__ = ["PipelineStages", "resolve_pipeline_group"]
+__all__ = ["PipelineStages", "StageLayout", "resolve_pipeline_group"]
+
+ABSENT = -1.0
+"""A parameter without a gradient at a step, in the exchanged norms (a norm is never negative)."""
 
 
 def resolve_pipeline_group(name: str, value: Any) -> dist.ProcessGroup | None:
@@ -58,31 +69,113 @@ def resolve_pipeline_group(name: str, value: Any) -> dist.ProcessGroup | None:
     )
 
 
+@dataclass(frozen=True)
+class StageLayout:
+    """Every stage's watched parameters, in stage order: the columns of the whole model.
+
+    Built once per watcher by :meth:`gather` (one collective, when the watcher is created), so a
+    stage that later rebuilds its watched tensors alone (a dtype change) joins no collective the
+    others do not.
+
+    Attributes:
+        group: The pipeline process group.
+        stage: This rank's stage (its rank in ``group``).
+        ranks: The global rank of each stage.
+        params: Every stage's parameters, stage 0's first. Where two stages use the same name
+            (stages built as separate modules, each counting from ``0.weight``), every name is
+            prefixed with its stage, ``stage1.0.weight``.
+        owner_types: Class name of the module owning each of ``params``.
+        blocks: Each stage's columns in ``params``.
+    """
+
+    group: Any
+    stage: int
+    ranks: tuple[int, ...]
+    params: tuple[ParamInfo, ...]
+    owner_types: tuple[str, ...]
+    blocks: tuple[slice, ...]
+
+    @classmethod
+    def gather(
+        cls, group: dist.ProcessGroup, params: Sequence[ParamInfo], owner_types: Sequence[str]
+    ) -> StageLayout:
+        """Exchange the stages' parameters (names, shapes, dtypes, owner types) over ``group``.
+
+        A collective: every stage's watcher must be created at the same point of the program.
+        """
+        stages = dist.get_world_size(group)
+        gathered: list[Any] = [None] * stages
+        dist.all_gather_object(gathered, (tuple(params), tuple(owner_types)), group=group)
+        names = [p.name for stage_params, _ in gathered for p in stage_params]
+        prefix = len(set(names)) != len(names)
+        everyone: list[ParamInfo] = []
+        types: list[str] = []
+        blocks: list[slice] = []
+        for index, (stage_params, stage_types) in enumerate(gathered):
+            start = len(everyone)
+            for p in stage_params:
+                name = f"stage{index}.{p.name}" if prefix else p.name
+                everyone.append(ParamInfo(name, tuple(p.shape), p.dtype))
+            types.extend(stage_types)
+            blocks.append(slice(start, len(everyone)))
+        return cls(
+            group=group,
+            stage=dist.get_rank(group),
+            ranks=tuple(dist.get_global_rank(group, i) for i in range(stages)),
+            params=tuple(everyone),
+            owner_types=tuple(types),
+            blocks=tuple(blocks),
+        )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every stage's parameter names, stage 0's first."""
+        return tuple(p.name for p in self.params)
+
+    @property
+    def own(self) -> slice:
+        """This stage's columns."""
+        return self.blocks[self.stage]
+
+    def stage_of(self, column: int) -> int:
+        """The stage holding the parameter in ``column``."""
+        return next(i for i, block in enumerate(self.blocks) if block.start <= column < block.stop)
+
+
 class PipelineStages:
     """This rank's place in the pipeline group, and the per-step exchange between stages.
 
     Args:
-        group: The pipeline process group (one rank per stage).
+        layout: Every stage's parameters (:meth:`StageLayout.gather`).
         device: Where the exchanged numbers live (the statistics device).
         dtype: Their dtype (the statistics dtype).
     """
 
-    def __init__(self, group: dist.ProcessGroup, device: torch.device, dtype: torch.dtype) -> None:
-        self.group = group
-        self.stage = dist.get_rank(group)
-        self.stages = dist.get_world_size(group)
-        self.ranks = [dist.get_global_rank(group, i) for i in range(self.stages)]
+    def __init__(self, layout: StageLayout, device: torch.device, dtype: torch.dtype) -> None:
+        self.layout = layout
+        self.group = layout.group
+        self.stage = layout.stage
+        self.stages = len(layout.ranks)
+        self.ranks = list(layout.ranks)
         self.device = device
         self.dtype = dtype
         self._ranks = torch.tensor(self.ranks, device=device)
         self._world = dist.get_world_size()
+        own = layout.own
+        self._buffer = torch.zeros(self.stages + len(layout.params), device=device, dtype=dtype)
+        self._own = self._buffer[self.stages + own.start : self.stages + own.stop]
 
     def new_flags(self) -> torch.Tensor:
         """Zeroed flags, one per global rank, that :meth:`combine` marks for non-finite stages."""
         return torch.zeros(self._world, dtype=torch.int32, device=self.device)
 
     def combine(
-        self, local: torch.Tensor, norm_type: float, flags: torch.Tensor | None
+        self,
+        local: torch.Tensor,
+        norm_type: float,
+        flags: torch.Tensor | None = None,
+        *,
+        norms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The global norm over all stages from this stage's norm ``local`` (0-d). A collective.
 
@@ -90,11 +183,29 @@ class PipelineStages:
         slot of a zero vector; summing the vectors (one all-reduce) leaves every slot exact, so
         every stage computes the same result from the same numbers. Stages whose slot is NaN/Inf
         are marked in ``flags`` at their global rank.
+
+        Args:
+            local: This stage's norm of order ``norm_type``.
+            norm_type: Order of the norms.
+            flags: Per-rank flags to mark, or None.
+            norms: ``(values, columns, out)``: this stage's per-parameter norms and their columns
+                in the stage's parameter order, sent along in the same all-reduce; ``out``
+                receives every stage's norms in :class:`StageLayout` order (:data:`ABSENT` for a
+                parameter without a gradient). Every stage must pass them, or none.
         """
-        slots = torch.zeros(self.stages, device=self.device, dtype=self.dtype)
+        if norms is None:
+            slots = torch.zeros(self.stages, device=self.device, dtype=self.dtype)
+        else:
+            values, columns, out = norms
+            self._buffer.zero_()
+            self._own.fill_(ABSENT)
+            self._own.index_copy_(0, columns, values)
+            slots = self._buffer[: self.stages]
         value = local if norm_type in (1.0, float("inf")) else local.pow(norm_type)
         slots[self.stage] = value
-        dist.all_reduce(slots, group=self.group)
+        dist.all_reduce(slots if norms is None else self._buffer, group=self.group)
+        if norms is not None:
+            out.copy_(self._buffer[self.stages :])
         if flags is not None:
             flags.index_copy_(0, self._ranks, (~torch.isfinite(slots)).to(flags.dtype))
         if norm_type == float("inf"):

@@ -46,7 +46,11 @@ class NormReduction:
         self.stages = stages
 
     def __call__(
-        self, groups: list[Any], norm_type: float, flags: Tensor | None = None
+        self,
+        groups: list[Any],
+        norm_type: float,
+        flags: Tensor | None = None,
+        everyone: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(L2 norm of every full gradient in group order, global norm of order ``norm_type``).
 
@@ -54,6 +58,9 @@ class NormReduction:
             groups: The step's :class:`~gradwatch.collect.norms.GradGroup` objects.
             norm_type: Order of the global norm.
             flags: Per-rank flags in which to mark the ranks of non-finite stages (pipeline).
+            everyone: Pipeline only: ``(columns, out)``, the stage's parameter position of each
+                norm in group order, and where every stage's norms go
+                (:meth:`~gradwatch.collect.pipeline.PipelineStages.combine`).
         """
         device, dtype = self.device, self.dtype
         l2 = [_local_norms(g, 2.0, device, dtype) for g in groups]
@@ -88,7 +95,8 @@ class NormReduction:
             else:
                 total = torch.stack(terms).sum().pow(1.0 / norm_type)
         if self.stages is not None:
-            total = self.stages.combine(total, norm_type, flags)
+            sent = None if everyone is None else (norms, *everyone)
+            total = self.stages.combine(total, norm_type, flags, norms=sent)
         return norms, total
 
 

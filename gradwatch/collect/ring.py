@@ -22,7 +22,8 @@ from torch import Tensor
 __all__ = ["COEF", "GLOBAL", "LOSS", "NORMS", "SCALE", "Slot", "StatsRing"]
 
 GLOBAL, COEF, LOSS, SCALE, NORMS = 0, 1, 2, 3, 4
-"""Column layout of a row: global norm, clip coefficient, loss, loss scale, then per-param norms."""
+"""Column layout of a row: global norm, clip coefficient, loss, loss scale, then per-param norms
+(then, under pipeline parallelism, every stage's per-param norms)."""
 
 
 class Slot(NamedTuple):
@@ -34,10 +35,12 @@ class Slot(NamedTuple):
     loss: Tensor
     scale: Tensor
     norms: Tensor
+    everyone: Tensor  # every stage's norms (pipeline parallel), else empty
 
 
 class StatsRing:
-    """``capacity`` rows of ``NORMS + n_params`` statistics on ``device``, with a host mirror.
+    """``capacity`` rows of ``NORMS + n_params + n_everyone`` statistics on ``device``, with a
+    host mirror.
 
     Args:
         n_params: Number of watched parameters.
@@ -45,14 +48,23 @@ class StatsRing:
             :meth:`slot` enforces by waiting on the oldest unread row when the ring is full.
         device: Device of the statistics (where the gradients are).
         dtype: float32, or float64 when some gradients are float64.
+        n_everyone: Under pipeline parallelism, the number of parameters of every stage together
+            (a row then also holds every stage's norms), else 0.
     """
 
     def __init__(
-        self, n_params: int, capacity: int, device: torch.device, dtype: torch.dtype
+        self,
+        n_params: int,
+        capacity: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        n_everyone: int = 0,
     ) -> None:
         self.capacity = capacity
         self.device = device
-        self.rows = torch.zeros(capacity, NORMS + n_params, device=device, dtype=dtype)
+        self.n_params = n_params
+        width = NORMS + n_params + n_everyone
+        self.rows = torch.zeros(capacity, width, device=device, dtype=dtype)
         self.rows[:, COEF] = 1.0
         self._shared = device.type == "cpu"
         if self._shared:
@@ -62,7 +74,15 @@ class StatsRing:
             self._host_tensor = torch.zeros(self.rows.shape, dtype=dtype, pin_memory=pin)
         self.host = self._host_tensor.numpy()
         self.slots = [
-            Slot(row, row[GLOBAL], row[COEF], row[LOSS], row[SCALE], row[NORMS:])
+            Slot(
+                row,
+                row[GLOBAL],
+                row[COEF],
+                row[LOSS],
+                row[SCALE],
+                row[NORMS : NORMS + n_params],
+                row[NORMS + n_params :],
+            )
             for row in self.rows
         ]
         self._events: list[object | None] = [None] * capacity
