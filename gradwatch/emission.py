@@ -284,6 +284,9 @@ class Emission:
         loss_spike = pending.loss_spike
         coef = float(row[COEF])
         every_name = self.names if self.stages is None else self.stages.names
+        ranks: tuple[int, ...] = ()
+        if not math.isfinite(global_norm):
+            ranks = _flagged(pending.blame) if model is None else model.ranks
         report = StepReport(
             step=pending.result.step,
             global_norm=global_norm,
@@ -302,7 +305,7 @@ class Emission:
             lr=_first_lr(pending.probe),
             norm_type=self.norm_type,
             micro_batch_norms=tuple(float(m) for m in pending.micro),
-            nonfinite_ranks=_flagged(pending.blame) if not math.isfinite(global_norm) else (),
+            nonfinite_ranks=ranks,
         )
         pending.result.resolve(report)
         self.history.append(report)
@@ -404,8 +407,9 @@ class _ModelRow:
         self.names = tuple(every_name[i] for i in kept) if absent.any() else every_name
         self.values = everyone[kept] if absent.any() else everyone
         # Backward runs from the last stage to the first: the last non-finite stage is where a
-        # NaN/Inf met first; within this stage its hooks' arrival order, elsewhere the stage's
-        # parameter order (what a single process does without hooks).
+        # NaN/Inf met first. Within this stage, its hooks' arrival order; within another, its
+        # parameters in reverse order (the arrival order of a stack of layers: last layer's
+        # bias first).
         own = layout.own
         columns: list[int] = []
         for stage in reversed(range(len(layout.blocks))):
@@ -414,8 +418,14 @@ class _ModelRow:
                 columns.extend(own.start + i for i in own_bad)
             else:
                 part = everyone[block]
-                columns.extend(block.start + int(i) for i in np.flatnonzero(~np.isfinite(part)))
+                bad = np.flatnonzero(~np.isfinite(part))[::-1]
+                columns.extend(block.start + int(i) for i in bad)
         self.bad = tuple(every_name[i] for i in columns)
+        self.ranks = tuple(  # the ranks of the stages holding a non-finite gradient
+            rank
+            for rank, block in zip(layout.ranks, layout.blocks)
+            if not np.isfinite(everyone[block]).all()
+        )
         self.starts_here = bool(columns) and own.start <= columns[0] < own.stop
 
     def own_report(

@@ -197,8 +197,6 @@ class StepPath:
             self._emission.drain(wait=True, upto=ring.read)
         number, slot = ring.claim()
         blame = self._blame.take() if self._blame is not None else None
-        if blame is None:  # pipeline parallel: flags of the stages' ranks, filled below
-            blame = bound.collector.next_stage_flags()
         with torch.no_grad():
             batch = bound.collector.gather()
             if batch is None:

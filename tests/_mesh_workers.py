@@ -241,7 +241,7 @@ def _pipeline(rank: int) -> dict[str, object]:
 
     max_norm = 0.05
     micro = 2
-    steps = 3  # step 1 has a NaN on stage 2
+    steps = 5  # step 1: a NaN in stage 2's weight; step 3: one from stage 3 reaching every stage
 
     def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return (output - target).pow(2).mean()
@@ -263,9 +263,16 @@ def _pipeline(rank: int) -> dict[str, object]:
     ).attach(opt)
     reference = _Stack()
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
-    poison = stage_model.layers[str(rank)].weight.register_hook(
+    layer = stage_model.layers[str(rank)]
+    poison = layer.weight.register_hook(
         lambda g: g * math.nan if rank == 2 and watch.step == 1 else g
     )
+
+    def poison_output(module: nn.Module, args: object, output: torch.Tensor) -> None:
+        if rank == WORLD - 1 and watch.step == 3:
+            output.register_hook(lambda g: g * math.nan)  # flows back through every stage
+
+    spread = layer.register_forward_hook(poison_output)
     out: dict[str, object] = {"names": list(watch.names), "steps": []}
     for step in range(steps):
         x, y = data(step)
@@ -300,7 +307,7 @@ def _pipeline(rank: int) -> dict[str, object]:
             "unchanged": all(torch.equal(a, b) for a, b in zip(before, stage_model.parameters())),
             "clip_coef": report.clip_coef,
         }
-        if step != 1:
+        if step in (0, 2, 4):
             entry["param_err"] = _err(report.param_norms, own)
             torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
             ref_opt.step()
@@ -310,6 +317,7 @@ def _pipeline(rank: int) -> dict[str, object]:
             )
         out["steps"].append(entry)
     poison.remove()
+    spread.remove()
     out["log"] = str(log)
     # Stages built as separate modules share their names ("weight"): reported with a stage prefix.
     layer = nn.Linear(2, 2)

@@ -65,7 +65,7 @@ def test_one_collective_no_host_read_and_no_sequential_warning(ranks) -> None:
 def test_pipeline_global_norm_and_clipping_equal_one_process(ranks) -> None:
     names = [name for r in ranks for name in r["pipeline"]["names"]]
     assert names == [f"layers.{i}.{k}" for i in range(WORLD) for k in ("weight", "bias")]
-    for step in (0, 2):
+    for step in (0, 2, 4):
         entries = [r["pipeline"]["steps"][step] for r in ranks]
         for entry in entries:
             assert entry["global"] == pytest.approx(entry["expected"], rel=1e-5)
@@ -87,10 +87,21 @@ def test_pipeline_nan_skips_every_stage_and_names_it(ranks) -> None:
         assert entry["nonfinite_ranks"] == [2]
 
 
+def test_pipeline_nan_from_the_last_stage_is_named_there_by_every_stage(ranks) -> None:
+    # The NaN enters stage 3's output gradient and flows back through every stage: it met
+    # stage 3's parameters first (bias, then weight, as backward reaches them).
+    backward = [f"layers.{i}.{k}" for i in reversed(range(WORLD)) for k in ("bias", "weight")]
+    for result in ranks:
+        entry = result["pipeline"]["steps"][3]
+        assert entry["skipped"] and entry["unchanged"]
+        assert entry["nonfinite"] == backward
+        assert entry["nonfinite_ranks"] == [0, 1, 2, 3]
+
+
 def test_every_stage_reports_the_whole_model(ranks) -> None:
     everything = [f"layers.{i}.{k}" for i in range(WORLD) for k in ("weight", "bias")]
     for result in ranks:
-        for step in (0, 2):
+        for step in (0, 2, 4):
             entry = result["pipeline"]["steps"][step]
             assert list(entry["reported"]) == everything  # every stage's names, stage order
             assert _relative_err(entry["reported"], entry["expected_all"]) < 1e-5
@@ -98,10 +109,11 @@ def test_every_stage_reports_the_whole_model(ranks) -> None:
     log = gw.read_run(ranks[0]["pipeline"]["log"])
     assert list(log.names) == everything
     assert [p.name for p in log.header.params] == everything
-    assert log.nonfinite.tolist() == [False, True, False, False]  # the last: the cost check
+    assert log.nonfinite.tolist() == [False, True, False, True, False, False]  # + a cost check
     assert log.names[log.first_nonfinite[1]] == "layers.2.weight"
-    assert log.nonfinite_ranks == ((1, (2,)),)
-    (alert,) = [e for e in log.events if e.kind == "nonfinite"]
+    assert log.names[log.first_nonfinite[3]] == "layers.3.bias"
+    assert log.nonfinite_ranks == ((1, (2,)), (3, (0, 1, 2, 3)))
+    alert = next(e for e in log.events if e.kind == "nonfinite")
     assert "layers.2.weight" in alert.message and "from rank 2" in alert.message
     assert {layer.name for layer in log.summary.layers} == {f"layers.{i}" for i in range(WORLD)}
 

@@ -187,17 +187,8 @@ class GradCollector:
         if stages is not None or dtensors:
             self._reduction = NormReduction(device, dtype, mesh, stages)
         self._reduced = self._reduction is not None
-        self._flags: Tensor | None = None
         self._sparse: set[int] = set()  # positions whose gradients were seen sparse
         self._build_layout()
-
-    def next_stage_flags(self) -> Tensor | None:
-        """Under pipeline parallelism, fresh per-rank flags the next step's norms will fill with
-        the ranks of the stages whose gradients are non-finite; None otherwise."""
-        if self._stages is None:
-            return None
-        self._flags = self._stages.new_flags()
-        return self._flags
 
     def _grads(self, params: list[Tensor]) -> list[Tensor | None]:
         """The gradients of ``params``, read where ``grad_attr`` says."""
@@ -319,7 +310,7 @@ class GradCollector:
                 if everyone is not None and self._stages is not None:
                     order = self._order(batch)
                     sent = (order, everyone)
-                norms, batch.total = reduction(batch.groups, self.norm_type, self._flags, sent)  # type: ignore[misc]
+                norms, batch.total = reduction(batch.groups, self.norm_type, sent)  # type: ignore[misc]
             else:
                 norms = torch.cat(
                     [

@@ -159,21 +159,14 @@ class PipelineStages:
         self.ranks = list(layout.ranks)
         self.device = device
         self.dtype = dtype
-        self._ranks = torch.tensor(self.ranks, device=device)
-        self._world = dist.get_world_size()
         own = layout.own
         self._buffer = torch.zeros(self.stages + len(layout.params), device=device, dtype=dtype)
         self._own = self._buffer[self.stages + own.start : self.stages + own.stop]
-
-    def new_flags(self) -> torch.Tensor:
-        """Zeroed flags, one per global rank, that :meth:`combine` marks for non-finite stages."""
-        return torch.zeros(self._world, dtype=torch.int32, device=self.device)
 
     def combine(
         self,
         local: torch.Tensor,
         norm_type: float,
-        flags: torch.Tensor | None = None,
         *,
         norms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
@@ -181,13 +174,11 @@ class PipelineStages:
 
         Each stage writes the p-th power of its norm (its norm, for the inf-norm) into its own
         slot of a zero vector; summing the vectors (one all-reduce) leaves every slot exact, so
-        every stage computes the same result from the same numbers. Stages whose slot is NaN/Inf
-        are marked in ``flags`` at their global rank.
+        every stage computes the same result from the same numbers.
 
         Args:
             local: This stage's norm of order ``norm_type``.
             norm_type: Order of the norms.
-            flags: Per-rank flags to mark, or None.
             norms: ``(values, columns, out)``: this stage's per-parameter norms and their columns
                 in the stage's parameter order, sent along in the same all-reduce; ``out``
                 receives every stage's norms in :class:`StageLayout` order (:data:`ABSENT` for a
@@ -206,8 +197,6 @@ class PipelineStages:
         dist.all_reduce(slots if norms is None else self._buffer, group=self.group)
         if norms is not None:
             out.copy_(self._buffer[self.stages :])
-        if flags is not None:
-            flags.index_copy_(0, self._ranks, (~torch.isfinite(slots)).to(flags.dtype))
         if norm_type == float("inf"):
             return slots.amax()
         total = slots.sum()

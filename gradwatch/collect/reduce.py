@@ -49,7 +49,6 @@ class NormReduction:
         self,
         groups: list[Any],
         norm_type: float,
-        flags: Tensor | None = None,
         everyone: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(L2 norm of every full gradient in group order, global norm of order ``norm_type``).
@@ -57,7 +56,6 @@ class NormReduction:
         Args:
             groups: The step's :class:`~gradwatch.collect.norms.GradGroup` objects.
             norm_type: Order of the global norm.
-            flags: Per-rank flags in which to mark the ranks of non-finite stages (pipeline).
             everyone: Pipeline only: ``(columns, out)``, the stage's parameter position of each
                 norm in group order, and where every stage's norms go
                 (:meth:`~gradwatch.collect.pipeline.PipelineStages.combine`).
@@ -96,7 +94,7 @@ class NormReduction:
                 total = torch.stack(terms).sum().pow(1.0 / norm_type)
         if self.stages is not None:
             sent = None if everyone is None else (norms, *everyone)
-            total = self.stages.combine(total, norm_type, flags, norms=sent)
+            total = self.stages.combine(total, norm_type, norms=sent)
         return norms, total
 
 
