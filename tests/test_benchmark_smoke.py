@@ -38,3 +38,20 @@ def test_overhead_quick_mlp_prints_ratios() -> None:
     assert rows and all(re.search(r"\d+\.\d{3}x \[\d+\.\d{3}-\d+\.\d{3}\]", r) for r in rows)
     assert "host-sync calls per step" in out
     assert "Traceback" not in result.stderr
+
+
+def test_pipeline_overhead_quick_prints_three_pairs() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = SCRIPT.with_name("pipeline_overhead.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    command += ["--master-addr", "127.0.0.1", "--master-port", str(port), str(script), "--quick"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if " ratio " in line]
+    assert [row.split()[0] for row in rows] == ["check", "local", "all-reduce"]
+    assert all(re.search(r"ratio \d+\.\d\dx \(IQR \d+\.\d\d-\d+\.\d\d\)", r) for r in rows)
+    assert "all-reduce of 402" in result.stdout  # 2 stages + 2 x 200 parameter norms
