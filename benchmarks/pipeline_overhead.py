@@ -18,8 +18,8 @@ with its interquartile range over the rounds:
 * ``check`` vs ``manual``: the whole step cost;
 * their local parts (``check()`` without ``pipeline_group``, ``manual`` without the all-reduce):
   what gradwatch itself adds;
-* an all-reduce of gradwatch's payload (one number per stage plus every stage's parameter
-  norms) vs of one number: what the exchange costs on this backend.
+* an all-reduce of gradwatch's payload (one number per stage, the loss and how many stages had
+  one, every stage's parameter norms) vs of one number: what the exchange costs on this backend.
 
 A measurement, not a test: it exits 0 whatever it measures. gloo on CPU is a poor model of NCCL
 on GPUs, where an all-reduce of a few kilobytes costs what one of four bytes does (both are
@@ -75,7 +75,7 @@ def main() -> None:
     max_norm = 1e9  # never clips: the gradients stay the same in every round
     watch = gw.GradWatch(model, clip=gw.ClipNorm(max_norm), sinks=[], pipeline_group=group)
     local = gw.GradWatch(model, clip=gw.ClipNorm(max_norm), sinks=[])
-    payload = dist.get_world_size() + dist.get_world_size() * len(params)
+    payload = dist.get_world_size() + 2 + dist.get_world_size() * len(params)  # + the loss
     one, sent = torch.zeros(1), torch.zeros(payload)
     variants: dict[str, Callable[[], object]] = {
         "check": watch.check,

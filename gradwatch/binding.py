@@ -62,8 +62,8 @@ class Binding:
             grad_attr=settings.grad_attr,
             pipeline=stages,
         )
-        everyone = 0 if stages is None else len(stages.params)
-        self.ring = StatsRing(len(watched), RING_CAPACITY, device, dtype, n_everyone=everyone)
+        shared = 0 if stages is None else stages.shared
+        self.ring = StatsRing(len(watched), RING_CAPACITY, device, dtype, n_shared=shared)
         self.arrivals = ArrivalOrder(params, watched.position)
         self.hold: SkipHold | None = None
         if settings.skips:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from gradwatch.alerts import needs_events, step_events
-from gradwatch.collect.pipeline import ABSENT, StageLayout
+from gradwatch.collect.pipeline import ABSENT, SHARED_LOSS, SHARED_LOSSES, SHARED_NORMS, StageLayout
 from gradwatch.collect.ring import COEF, GLOBAL, LOSS, NORMS, SCALE, StatsRing
 from gradwatch.detect.health import HealthDetector
 from gradwatch.detect.nonfinite import nonfinite_in_backward_order
@@ -212,8 +212,8 @@ class Emission:
             value = ring.value(number, GLOBAL)
             pending.spike_threshold = self.spike_detector.threshold
             pending.spike = self.spike_detector.update(value)
-            if pending.has_loss:
-                loss = ring.value(number, LOSS)
+            loss = self._loss(pending, ring.host_view(number))
+            if loss is not None:
                 pending.loss_spike = self.loss_detector.update(loss)
             urgent = (
                 urgent
@@ -254,6 +254,7 @@ class Emission:
 
     def _emit(self, pending: Pending, row: Any) -> None:
         norms = row[NORMS : NORMS + len(self.names)]
+        shared = row[NORMS + len(self.names) :]
         global_norm = float(row[GLOBAL])
         positions = pending.positions
         if positions is None:
@@ -270,7 +271,7 @@ class Emission:
         nonfinite = tuple(self.names[i] for i in bad)
         model = None
         if self.stages is not None:
-            model = _ModelRow(self.stages, row[NORMS + len(self.names) :], bad)
+            model = _ModelRow(self.stages, shared[SHARED_NORMS:], bad)
             names, values, present, nonfinite = model.names, model.values, model.present, model.bad
         spike = pending.spike
         culprits: tuple[int, ...] = ()
@@ -280,7 +281,7 @@ class Emission:
             growth = None if culprits else self.baseline.growth(present)
         if not nonfinite and not spike:  # a spike would inflate every baseline for ~100 steps
             self.baseline.update(present)
-        loss = float(row[LOSS]) if pending.has_loss else None
+        loss = self._loss(pending, row)
         loss_spike = pending.loss_spike
         coef = float(row[COEF])
         every_name = self.names if self.stages is None else self.stages.names
@@ -348,6 +349,15 @@ class Emission:
             )
             for event in events:
                 self.sinks.write(event)
+
+    def _loss(self, pending: Pending, row: np.ndarray) -> float | None:
+        """The step's loss from its host row, or None. Under pipeline parallelism, the stages'
+        shared loss (the mean over the stages that had one, usually the last alone)."""
+        if self.stages is None:
+            return float(row[LOSS]) if pending.has_loss else None
+        shared = row[NORMS + len(self.names) :]
+        count = float(shared[SHARED_LOSSES])
+        return float(shared[SHARED_LOSS]) / count if count > 0 else None
 
     def _layer_events(self, step: int) -> list[Event]:
         """Unused parameters, dead units and a vanishing gradient, each reported once, as soon

@@ -202,12 +202,13 @@ class StepPath:
             if batch is None:
                 slot.row.zero_()
                 slot.coef.fill_(1.0)
-            else:
-                bound.collector.param_norms_(batch, slot.norms, slot.everyone)
+            has_loss = self._write_loss(slot.loss)  # before the norms: pipeline stages share it
+            if batch is not None:
+                loss = slot.loss if has_loss else None
+                bound.collector.param_norms_(batch, slot.norms, slot.shared, loss)
                 bound.collector.global_norm_(
                     batch, slot.norms, self.settings.norm_type, slot.global_norm
                 )
-            has_loss = self._write_loss(slot.loss)
             has_scale = self._write_scale(slot.scale)
             action = None
             if skip_reason is None:

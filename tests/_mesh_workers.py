@@ -260,7 +260,7 @@ def _pipeline(rank: int) -> dict[str, object]:
         on_nonfinite="skip",
         sinks=[gw.JsonlSink(log)] if rank == 0 else [],  # rank 0 (log_rank) reports every stage
         pipeline_group=dist.group.WORLD,
-    ).attach(opt)
+    )  # checked explicitly: the last stage hands over the loss the schedule computed
     reference = _Stack()
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
     layer = stage_model.layers[str(rank)]
@@ -278,24 +278,30 @@ def _pipeline(rank: int) -> dict[str, object]:
         x, y = data(step)
         opt.zero_grad()
         before = [p.detach().clone() for p in stage_model.parameters()]
+        losses: list[torch.Tensor] = []
         if rank == 0:
             schedule.step(x)
         elif rank == WORLD - 1:
-            schedule.step(target=y)
+            schedule.step(target=y, losses=losses)
         else:
             schedule.step()
-        opt.step()
-        report = watch.history[-1]
+        report = watch.check(torch.stack(losses).mean() if losses else None)
+        opt.step()  # a skipped step changes nothing: check() hid the gradients
         # The single process on the same micro-batches (mean of the micro-batch losses).
         ref_opt.zero_grad()
+        reference_loss = 0.0
         for xs, ys in zip(x.chunk(micro), y.chunk(micro)):
-            (loss_fn(reference(xs), ys) / micro).backward()
+            loss = loss_fn(reference(xs), ys) / micro
+            loss.backward()
+            reference_loss += loss.item()
         expected_global = torch.nn.utils.get_total_norm(
             [p.grad for p in reference.parameters()]
         ).item()
         expected = {n: p.grad.norm().item() for n, p in reference.named_parameters()}
         own = {n: expected[n] for n in watch.names}
         entry = {
+            "loss": report.loss,
+            "expected_loss": reference_loss,
             "reported": dict(report.param_norms.items()),
             "expected_all": expected,
             "spike_params": list(report.spike_params),

@@ -54,4 +54,4 @@ def test_pipeline_overhead_quick_prints_three_pairs() -> None:
     rows = [line for line in result.stdout.splitlines() if " ratio " in line]
     assert [row.split()[0] for row in rows] == ["check", "local", "all-reduce"]
     assert all(re.search(r"ratio \d+\.\d\dx \(IQR \d+\.\d\d-\d+\.\d\d\)", r) for r in rows)
-    assert "all-reduce of 402" in result.stdout  # 2 stages + 2 x 200 parameter norms
+    assert "all-reduce of 404" in result.stdout  # 2 stages, the loss and its count, 2 x 200 norms

@@ -105,11 +105,16 @@ def test_every_stage_reports_the_whole_model(ranks) -> None:
             entry = result["pipeline"]["steps"][step]
             assert list(entry["reported"]) == everything  # every stage's names, stage order
             assert _relative_err(entry["reported"], entry["expected_all"]) < 1e-5
+            # The loss only the last stage computes, on every stage.
+            assert entry["loss"] == pytest.approx(entry["expected_loss"], rel=1e-5)
     # The logging rank's run log: every layer at every step, the NaN's parameter and stage.
     log = gw.read_run(ranks[0]["pipeline"]["log"])
     assert list(log.names) == everything
     assert [p.name for p in log.header.params] == everything
     assert log.nonfinite.tolist() == [False, True, False, True, False, False]  # + a cost check
+    assert log.loss[[0, 2, 4]] == pytest.approx(
+        [ranks[0]["pipeline"]["steps"][i]["expected_loss"] for i in (0, 2, 4)], rel=1e-5
+    )
     assert log.names[log.first_nonfinite[1]] == "layers.2.weight"
     assert log.names[log.first_nonfinite[3]] == "layers.3.bias"
     assert log.nonfinite_ranks == ((1, (2,)), (3, (0, 1, 2, 3)))

@@ -35,7 +35,7 @@ from torch import Tensor
 from gradwatch.collect.distributed import is_dtensor
 from gradwatch.collect.kernels import foreach_norms, has_foreach, norm_dtype, sparse_values
 from gradwatch.collect.meshes import mesh_reduction
-from gradwatch.collect.pipeline import PipelineStages, StageLayout
+from gradwatch.collect.pipeline import PipelineStages, Share, StageLayout
 from gradwatch.collect.reduce import NormReduction
 from gradwatch.errors import ConfigError, ConfigTypeError
 
@@ -282,7 +282,13 @@ class GradCollector:
         self._build_layout()
         return True
 
-    def param_norms_(self, batch: GradBatch, out: Tensor, everyone: Tensor | None = None) -> None:
+    def param_norms_(
+        self,
+        batch: GradBatch,
+        out: Tensor,
+        shared: Tensor | None = None,
+        loss: Tensor | None = None,
+    ) -> None:
         """Write the L2 norm of every (full) gradient into ``out``, one slot per parameter.
 
         Parameters without a gradient get 0. This is the step's first read of the gradients: a
@@ -293,9 +299,10 @@ class GradCollector:
         Args:
             batch: The step's gradients (:meth:`gather`).
             out: One slot per watched parameter.
-            everyone: Pipeline parallel: one slot per parameter of every stage
-                (:class:`~gradwatch.collect.pipeline.StageLayout` order), filled by the same
-                collective as the global norm.
+            shared: Pipeline parallel: receives what the stages share in the same collective
+                as the global norm (their losses, every stage's parameter norms; see
+                :data:`~gradwatch.collect.pipeline.SHARED_NORMS`).
+            loss: Pipeline parallel: this stage's loss (0-d), or None.
         """
         batch.l2_norms = None
         try:  # free until it raises: dense models pay nothing for the sparse fallback
@@ -306,11 +313,14 @@ class GradCollector:
             order = None
             if self._reduced:
                 reduction = self._reduction
-                sent = None
-                if everyone is not None and self._stages is not None:
-                    order = self._order(batch)
-                    sent = (order, everyone)
-                norms, batch.total = reduction(batch.groups, self.norm_type, sent)  # type: ignore[misc]
+                share = None
+                if shared is not None and self._stages is not None:
+                    columns = order = self._order(batch)
+
+                    def share(norms: Tensor) -> Share:
+                        return Share(norms, columns, shared, loss)
+
+                norms, batch.total = reduction(batch.groups, self.norm_type, share)  # type: ignore[misc]
             else:
                 norms = torch.cat(
                     [
@@ -326,7 +336,7 @@ class GradCollector:
                 raise
             batch.params, batch.positions = regrouped.params, regrouped.positions
             batch.groups = regrouped.groups
-            self.param_norms_(batch, out, everyone)
+            self.param_norms_(batch, out, shared, loss)
             return
         batch.l2_norms = norms  # the present norms in group order: torch reduces them so
         if batch.positions is None and self._identity_order:

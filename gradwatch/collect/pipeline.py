@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -28,10 +28,40 @@ from gradwatch.collect.distributed import is_distributed
 from gradwatch.errors import ConfigError, ConfigTypeError
 from gradwatch.records import ParamInfo
 
-__all__ = ["PipelineStages", "StageLayout", "resolve_pipeline_group"]
+__all__ = [
+    "ABSENT",
+    "SHARED_LOSS",
+    "SHARED_LOSSES",
+    "SHARED_NORMS",
+    "PipelineStages",
+    "Share",
+    "StageLayout",
+    "resolve_pipeline_group",
+]
 
 ABSENT = -1.0
-"""A parameter without a gradient at a step, in the exchanged norms (a norm is never negative)."""
+"""A parameter without a gradient at a step, in the shared norms (a norm is never negative)."""
+
+SHARED_LOSS, SHARED_LOSSES, SHARED_NORMS = 0, 1, 2
+"""Layout of what the stages share at each step besides their norms (the last columns of a stats
+row): the sum of the stages' losses, how many stages had one, then every stage's parameter norms
+in :class:`StageLayout` order."""
+
+
+class Share(NamedTuple):
+    """What a stage sends along with its norm, and where every stage's comes back.
+
+    Attributes:
+        norms: This stage's per-parameter L2 norms (those with a gradient).
+        columns: Their positions in the stage's parameter list.
+        out: Receives :data:`SHARED_NORMS` + every stage's parameter count numbers.
+        loss: This stage's loss (0-d), or None: usually only the last stage computes one.
+    """
+
+    norms: torch.Tensor
+    columns: torch.Tensor
+    out: torch.Tensor
+    loss: torch.Tensor | None
 
 
 def resolve_pipeline_group(name: str, value: Any) -> dist.ProcessGroup | None:
@@ -133,6 +163,11 @@ class StageLayout:
         return tuple(p.name for p in self.params)
 
     @property
+    def shared(self) -> int:
+        """How many numbers the stages share at each step (:data:`SHARED_NORMS` onwards)."""
+        return SHARED_NORMS + len(self.params)
+
+    @property
     def own(self) -> slice:
         """This stage's columns."""
         return self.blocks[self.stage]
@@ -160,15 +195,18 @@ class PipelineStages:
         self.device = device
         self.dtype = dtype
         own = layout.own
-        self._buffer = torch.zeros(self.stages + len(layout.params), device=device, dtype=dtype)
-        self._own = self._buffer[self.stages + own.start : self.stages + own.stop]
+        start = self.stages + SHARED_NORMS
+        self._buffer = torch.zeros(start + len(layout.params), device=device, dtype=dtype)
+        self._own = self._buffer[start + own.start : start + own.stop]
+        self._loss = self._buffer[self.stages + SHARED_LOSS]
+        self._losses = self._buffer[self.stages + SHARED_LOSSES]
 
     def combine(
         self,
         local: torch.Tensor,
         norm_type: float,
         *,
-        norms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        share: Share | None = None,
     ) -> torch.Tensor:
         """The global norm over all stages from this stage's norm ``local`` (0-d). A collective.
 
@@ -179,24 +217,24 @@ class PipelineStages:
         Args:
             local: This stage's norm of order ``norm_type``.
             norm_type: Order of the norms.
-            norms: ``(values, columns, out)``: this stage's per-parameter norms and their columns
-                in the stage's parameter order, sent along in the same all-reduce; ``out``
-                receives every stage's norms in :class:`StageLayout` order (:data:`ABSENT` for a
-                parameter without a gradient). Every stage must pass them, or none.
+            share: What this stage sends along in the same all-reduce (its per-parameter norms,
+                its loss), and where every stage's go. Every stage must pass one, or none.
         """
-        if norms is None:
+        if share is None:
             slots = torch.zeros(self.stages, device=self.device, dtype=self.dtype)
         else:
-            values, columns, out = norms
             self._buffer.zero_()
             self._own.fill_(ABSENT)
-            self._own.index_copy_(0, columns, values)
+            self._own.index_copy_(0, share.columns, share.norms)
+            if share.loss is not None:
+                self._loss.copy_(share.loss)
+                self._losses.fill_(1.0)
             slots = self._buffer[: self.stages]
         value = local if norm_type in (1.0, float("inf")) else local.pow(norm_type)
         slots[self.stage] = value
-        dist.all_reduce(slots if norms is None else self._buffer, group=self.group)
-        if norms is not None:
-            out.copy_(self._buffer[self.stages :])
+        dist.all_reduce(slots if share is None else self._buffer, group=self.group)
+        if share is not None:
+            share.out.copy_(self._buffer[self.stages :])
         if norm_type == float("inf"):
             return slots.amax()
         total = slots.sum()

@@ -10,6 +10,7 @@ collective, or two when a pipeline stage is itself sharded (its mesh's, then the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from gradwatch.collect.kernels import foreach_norms, sparse_values
 from gradwatch.collect.meshes import MeshReduction
-from gradwatch.collect.pipeline import PipelineStages
+from gradwatch.collect.pipeline import PipelineStages, Share
 
 __all__ = ["NormReduction"]
 
@@ -49,15 +50,14 @@ class NormReduction:
         self,
         groups: list[Any],
         norm_type: float,
-        everyone: tuple[Tensor, Tensor] | None = None,
+        share: Callable[[Tensor], Share] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(L2 norm of every full gradient in group order, global norm of order ``norm_type``).
 
         Args:
             groups: The step's :class:`~gradwatch.collect.norms.GradGroup` objects.
             norm_type: Order of the global norm.
-            everyone: Pipeline only: ``(columns, out)``, the stage's parameter position of each
-                norm in group order, and where every stage's norms go
+            share: Pipeline only: what this stage sends along, given its norms in group order
                 (:meth:`~gradwatch.collect.pipeline.PipelineStages.combine`).
         """
         device, dtype = self.device, self.dtype
@@ -93,8 +93,8 @@ class NormReduction:
             else:
                 total = torch.stack(terms).sum().pow(1.0 / norm_type)
         if self.stages is not None:
-            sent = None if everyone is None else (norms, *everyone)
-            total = self.stages.combine(total, norm_type, norms=sent)
+            sent = None if share is None else share(norms)
+            total = self.stages.combine(total, norm_type, share=sent)
         return norms, total
 
 

@@ -23,7 +23,7 @@ __all__ = ["COEF", "GLOBAL", "LOSS", "NORMS", "SCALE", "Slot", "StatsRing"]
 
 GLOBAL, COEF, LOSS, SCALE, NORMS = 0, 1, 2, 3, 4
 """Column layout of a row: global norm, clip coefficient, loss, loss scale, then per-param norms
-(then, under pipeline parallelism, every stage's per-param norms)."""
+(then, under pipeline parallelism, what the stages shared: ``collect.pipeline.SHARED_NORMS``)."""
 
 
 class Slot(NamedTuple):
@@ -35,12 +35,12 @@ class Slot(NamedTuple):
     loss: Tensor
     scale: Tensor
     norms: Tensor
-    everyone: Tensor  # every stage's norms (pipeline parallel), else empty
+    shared: Tensor  # what the pipeline stages shared (collect.pipeline.SHARED_NORMS), else empty
 
 
 class StatsRing:
-    """``capacity`` rows of ``NORMS + n_params + n_everyone`` statistics on ``device``, with a
-    host mirror.
+    """``capacity`` rows of ``NORMS + n_params + n_shared`` statistics on ``device``, with a host
+    mirror.
 
     Args:
         n_params: Number of watched parameters.
@@ -48,8 +48,8 @@ class StatsRing:
             :meth:`slot` enforces by waiting on the oldest unread row when the ring is full.
         device: Device of the statistics (where the gradients are).
         dtype: float32, or float64 when some gradients are float64.
-        n_everyone: Under pipeline parallelism, the number of parameters of every stage together
-            (a row then also holds every stage's norms), else 0.
+        n_shared: Under pipeline parallelism, how many numbers the stages share at each step
+            (:attr:`~gradwatch.collect.pipeline.StageLayout.shared`), else 0.
     """
 
     def __init__(
@@ -58,12 +58,12 @@ class StatsRing:
         capacity: int,
         device: torch.device,
         dtype: torch.dtype,
-        n_everyone: int = 0,
+        n_shared: int = 0,
     ) -> None:
         self.capacity = capacity
         self.device = device
         self.n_params = n_params
-        width = NORMS + n_params + n_everyone
+        width = NORMS + n_params + n_shared
         self.rows = torch.zeros(capacity, width, device=device, dtype=dtype)
         self.rows[:, COEF] = 1.0
         self._shared = device.type == "cpu"
@@ -126,6 +126,10 @@ class StatsRing:
     def value(self, number: int, column: int) -> float:
         """One value of row ``number`` on the host (call after :meth:`ready` or :meth:`wait`)."""
         return float(self.host[number % self.capacity, column])
+
+    def host_view(self, number: int) -> np.ndarray:
+        """Row ``number`` on the host, not copied (call after :meth:`ready` or :meth:`wait`)."""
+        return self.host[number % self.capacity]
 
     def host_row(self, number: int) -> np.ndarray:
         """A copy of row ``number`` on the host (call after :meth:`ready` or :meth:`wait`)."""
