@@ -416,6 +416,11 @@ class _ModelRow:
         every_name = layout.names
         self.names = tuple(every_name[i] for i in kept) if absent.any() else every_name
         self.values = everyone[kept] if absent.any() else everyone
+        self.bad: tuple[str, ...] = ()
+        self.ranks: tuple[int, ...] = ()  # the ranks of the stages with a non-finite gradient
+        self.starts_here = False  # the first non-finite parameter is this stage's
+        if np.isfinite(everyone).all():
+            return
         # Backward runs from the last stage to the first: the last non-finite stage is where a
         # NaN/Inf met first. Within this stage, its hooks' arrival order; within another, its
         # parameters in reverse order (the arrival order of a stack of layers: last layer's
@@ -427,11 +432,10 @@ class _ModelRow:
             if stage == layout.stage:
                 columns.extend(own.start + i for i in own_bad)
             else:
-                part = everyone[block]
-                bad = np.flatnonzero(~np.isfinite(part))[::-1]
+                bad = np.flatnonzero(~np.isfinite(everyone[block]))[::-1]
                 columns.extend(block.start + int(i) for i in bad)
         self.bad = tuple(every_name[i] for i in columns)
-        self.ranks = tuple(  # the ranks of the stages holding a non-finite gradient
+        self.ranks = tuple(
             rank
             for rank, block in zip(layout.ranks, layout.blocks)
             if not np.isfinite(everyone[block]).all()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import torch
@@ -157,7 +158,7 @@ class StageLayout:
             blocks=tuple(blocks),
         )
 
-    @property
+    @cached_property
     def names(self) -> tuple[str, ...]:
         """Every stage's parameter names, stage 0's first."""
         return tuple(p.name for p in self.params)
